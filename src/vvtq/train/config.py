@@ -1,0 +1,146 @@
+"""``TrainConfig``: a training recipe, read from a YAML file in ``configs/`` with command-line overrides."""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe file or an override is invalid."""
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of one training run. FP training is ``quant: null``; QAT sets ``quant``.
+
+    ``quant`` holds ``preset`` (``lsq``/``vvtq``), ``wbits``, ``abits`` and any other ``QuantConfig`` field,
+    plus ``overrides_file`` (a mixed-precision file from ``vvtq analyze --bit-budget``).
+    ``teacher`` holds ``source`` (``none``: hard labels; ``live``: a checkpoint run on the same crops;
+    ``file``: soft labels from ``vvtq softlabels``), ``checkpoint``, ``softlabels`` and ``hard_weight``.
+    """
+
+    # model
+    model: str = "mini_deit"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    init_from: str | None = None  # FP checkpoint whose weights start QAT
+    drop_path: float = 0.0
+    # data
+    data: str = "fashion_mnist"
+    data_root: str | None = None
+    val_split: str = "test"
+    img_size: int = 28
+    num_crops: int = 1
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    train_subset: int | None = None
+    val_subset: int | None = None
+    num_workers: int = 0
+    # optimisation
+    epochs: float = 10
+    batch_size: int = 128  # crops per global batch: batch_size / num_crops images
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    label_smoothing: float = 0.0
+    clip_grad: float | None = 1.0
+    seed: int = 0
+    # quantization-aware training
+    quant: dict[str, Any] | None = None
+    calib_batches: int = 4
+    teacher: dict[str, Any] = field(default_factory=lambda: {"source": "none"})
+    regularizer: dict[str, Any] | None = None  # {"lambda_max": 0.01, "start_frac": 0.25}
+    oscillation: dict[str, Any] | None = None  # {"every": 1, "freeze_threshold": null}
+    # bookkeeping
+    out: str = "runs/run"
+    log_every: int = 20
+    eval_every: int = 1
+    ckpt_every_steps: int = 0
+    device: str = "auto"
+    progress: bool = True
+    max_steps: int | None = None  # stop early (tests); the schedule still spans ``epochs``
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping of settings")
+        return cls.from_dict(data).apply(overrides or [])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
+        cfg = cls(**copy.deepcopy(data))
+        cfg.crop_scale, cfg.betas = tuple(cfg.crop_scale), tuple(cfg.betas)
+        return cfg.validate()
+
+    def apply(self, overrides: list[str]) -> TrainConfig:
+        """Apply ``key=value`` overrides (values parsed as YAML; ``a.b=v`` sets a key inside a mapping)."""
+        data = self.to_dict()
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key, raw = item.split("=", 1)
+            value = yaml.safe_load(raw) if raw != "" else None
+            parts = key.strip().split(".")
+            target = data
+            for part in parts[:-1]:
+                if target.get(part) is None:
+                    target[part] = {}
+                if not isinstance(target[part], dict):
+                    raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
+                target = target[part]
+            if len(parts) == 1 and parts[0] not in data:
+                raise ConfigError(f"override {item!r}: unknown setting {parts[0]!r}")
+            target[parts[-1]] = value
+        return TrainConfig.from_dict(data)
+
+    def validate(self) -> TrainConfig:
+        if self.batch_size % self.num_crops:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of num_crops ({self.num_crops})")
+        if self.epochs <= 0 or self.lr <= 0:
+            raise ConfigError("epochs and lr must be positive")
+        source = (self.teacher or {}).get("source", "none")
+        if source not in ("none", "live", "file"):
+            raise ConfigError(f"teacher.source must be none, live or file; got {source!r}")
+        if source == "live" and not self.teacher.get("checkpoint"):
+            raise ConfigError("teacher.source=live needs teacher.checkpoint")
+        if source == "file" and not self.teacher.get("softlabels"):
+            raise ConfigError("teacher.source=file needs teacher.softlabels (made by `vvtq softlabels`)")
+        if self.quant is not None:
+            from ..quant import QuantConfig
+
+            self.quant_config()  # raises QuantizerError with a clear message
+            del QuantConfig
+        return self
+
+    def quant_config(self):
+        """The ``QuantConfig`` this recipe asks for, or ``None`` for FP training."""
+        if self.quant is None:
+            return None
+        from ..quant import QuantConfig
+
+        spec = dict(self.quant)
+        preset = spec.pop("preset", "vvtq")
+        overrides_file = spec.pop("overrides_file", None)
+        cfg = QuantConfig.preset(preset, **spec)
+        return cfg.with_overrides_file(overrides_file) if overrides_file else cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["crop_scale"], data["betas"] = list(self.crop_scale), list(self.betas)
+        return data
