@@ -191,6 +191,8 @@ def _add_analyze(sub) -> None:
     a.add_argument("--metrics", help="a training run's metrics.jsonl for oscillation curves")
     a.add_argument("--bit-budget", type=float, help="propose a mixed-precision assignment at this average "
                    "weight bit-width; writes OUT/mixed_precision.yaml")
+    a.add_argument("--bit-choices", type=int, nargs="+", default=None, metavar="B",
+                   help="weight bit-widths the mixed-precision search may use (default: 2 3 4 8)")
     a.add_argument("--device", default="auto")
     a.set_defaults(func=cmd_analyze)
 
@@ -200,6 +202,8 @@ def _add_export(sub) -> None:
     x.add_argument("checkpoint", help="a quantized vvtq checkpoint")
     x.add_argument("--out", required=True, help="output file, e.g. model.vvtq.safetensors")
     x.add_argument("--onnx", help="also write a QDQ ONNX model to this path")
+    x.add_argument("--fp16", action="store_true", help="store the FP remainder (LayerNorm, biases, tokens) as "
+                   "float16: smaller, but no longer bit-matching the float32 model")
     x.set_defaults(func=cmd_export)
 
 

@@ -68,6 +68,10 @@ class _Builder:
                     if b is not None:
                         layer.bias.copy_(b.detach()[i * attn_dim:(i + 1) * attn_dim])
                 layer.weight.requires_grad_(src.qkv.weight.requires_grad)
+                if key == "k" and layer.bias is not None:
+                    # q.(k + b) shifts every logit of a query equally, so softmax ignores the key bias: its
+                    # gradient is rounding noise, which Adam would turn into full-size steps. Keep it fixed.
+                    layer.bias.requires_grad_(False)
                 qkv[key] = self.linear(layer, f"{path}.{key}", key, None, heads=heads)
         else:
             qkv = {"qkv": self.linear(src.qkv, f"{path}.qkv", "qkv", None, heads=3 * heads)}

@@ -76,7 +76,7 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe is a mapping of settings")
-        return cls.from_dict(data).apply(overrides or [])
+        return cls.from_dict(_apply_overrides(data, overrides or []))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -84,30 +84,21 @@ class TrainConfig:
         unknown = set(data) - names
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
-        cfg = cls(**copy.deepcopy(data))
+        data = copy.deepcopy(data)
+        for f in fields(cls):  # YAML reads "1e-3" as a string: coerce numbers, and say so when it fails
+            value = data.get(f.name)
+            if isinstance(value, str) and f.type in ("float", "int", "float | None", "int | None"):
+                try:
+                    data[f.name] = float(value) if "float" in f.type else int(value)
+                except ValueError:
+                    raise ConfigError(f"setting {f.name!r} must be a number; got {value!r}") from None
+        cfg = cls(**data)
         cfg.crop_scale, cfg.betas = tuple(cfg.crop_scale), tuple(cfg.betas)
         return cfg.validate()
 
     def apply(self, overrides: list[str]) -> TrainConfig:
-        """Apply ``key=value`` overrides (values parsed as YAML; ``a.b=v`` sets a key inside a mapping)."""
-        data = self.to_dict()
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
-            key, raw = item.split("=", 1)
-            value = yaml.safe_load(raw) if raw != "" else None
-            parts = key.strip().split(".")
-            target = data
-            for part in parts[:-1]:
-                if target.get(part) is None:
-                    target[part] = {}
-                if not isinstance(target[part], dict):
-                    raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
-                target = target[part]
-            if len(parts) == 1 and parts[0] not in data:
-                raise ConfigError(f"override {item!r}: unknown setting {parts[0]!r}")
-            target[parts[-1]] = value
-        return TrainConfig.from_dict(data)
+        """A copy with ``key=value`` overrides applied (see ``_apply_overrides``)."""
+        return TrainConfig.from_dict(_apply_overrides(self.to_dict(), overrides))
 
     def validate(self) -> TrainConfig:
         if self.batch_size % self.num_crops:
@@ -144,3 +135,27 @@ class TrainConfig:
         data = asdict(self)
         data["crop_scale"], data["betas"] = list(self.crop_scale), list(self.betas)
         return data
+
+
+def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides to a recipe mapping (values parsed as YAML; ``a.b=v`` sets a key inside a
+    mapping)."""
+    data = copy.deepcopy(data)
+    names = {f.name for f in fields(TrainConfig)}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        parts = key.strip().split(".")
+        if parts[0] not in names:
+            raise ConfigError(f"override {item!r}: unknown setting {parts[0]!r}")
+        target = data
+        for part in parts[:-1]:
+            if target.get(part) is None:
+                target[part] = {}
+            if not isinstance(target[part], dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
+            target = target[part]
+        target[parts[-1]] = value
+    return data

@@ -91,6 +91,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device).eval(), meta
 
 
+def load_teacher(spec: str, model_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
+    """A frozen FP teacher: a vvtq checkpoint path, or ``timm:NAME`` for timm's pretrained weights."""
+    if spec.startswith("timm:"):
+        teacher = build_model(spec[5:], model_kwargs, pretrained=True)
+    else:
+        teacher, meta = load_model(spec, "cpu")
+        if meta.get("quant") is not None:
+            raise CheckpointError(f"teacher {spec} is quantized; distillation needs a full-precision teacher")
+    return teacher.to(device).eval().requires_grad_(False)
+
+
 def _load_fp_weights(model: nn.Module, path: str) -> None:
     meta = read_meta(path)
     if meta.get("quant") is not None:
@@ -260,6 +271,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         calib_sampler = ImageBatchSampler(len(train_set), images_per_batch, 0, 1, cfg.seed + 1)
         calib = DataLoader(train_views, batch_sampler=calib_sampler, collate_fn=multicrop_collate)
         calibrate(model, calib, num_batches=cfg.calib_batches, device=device)
+        calib_digests = _check_replicas_agree(model)
 
     core = model
     if world > 1:
@@ -275,8 +287,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     teacher, source = None, (cfg.teacher or {}).get("source", "none")
     hard_weight = float((cfg.teacher or {}).get("hard_weight", 0.0))
     if source == "live":
-        teacher, _ = load_model(cfg.teacher["checkpoint"], device)
-        teacher.requires_grad_(False)
+        teacher = load_teacher(cfg.teacher["checkpoint"], model_kwargs, device)
     elif source == "file":
         from ..data import ReplayCropDataset, replay_collate
 
@@ -296,22 +307,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             tracker.load_state_dict(_unpack_tracker(ckpt["meta"]["oscillation"], ckpt["extra"]))
 
     log = MetricsLog(out / "metrics.jsonl", rank == 0, start_step if ckpt is not None else None)
+    if ckpt is None and qcfg is not None:
+        log.write({"type": "calibration", "step": 0, "scale_digests": calib_digests})
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     val_loader = eval_loader(val_set, cfg.img_size, rank=rank, world=world)
     meta_base = {"model": cfg.model, "model_kwargs": model_kwargs, "quant": qcfg.to_dict() if qcfg else None,
                  "train_config": cfg.to_dict(), "dataset": train_set.identity(), "img_size": cfg.img_size,
                  "mean": list(train_set.mean), "std": list(train_set.std), "classes": train_set.classes}
 
-    def save(path: Path, step: int, epoch: float, full: bool) -> None:
+    def save(path: Path, step: int, epoch: float, full: bool, running: tuple[float, int] = (0.0, 0)) -> None:
         if rank != 0:
             return
-        meta = {**meta_base, "step": step, "epoch": epoch, "best_acc": best_acc, "history": history}
+        meta = {**meta_base, "step": step, "epoch": epoch, "best_acc": best_acc, "history": history,
+                "epoch_loss": list(running)}
         extra = {}
         if tracker is not None and full:
             meta["oscillation"], extra = _pack_tracker(tracker.state_dict())
         save_checkpoint(path, core.state_dict(), meta, optimizer.state_dict() if full else None, extra=extra)
 
     step = start_step
+    resumed_running = tuple(ckpt["meta"].get("epoch_loss", (0.0, 0))) if ckpt is not None else None
     t_start, last_acc = time.time(), (history[-1]["val_acc"] if history else float("nan"))
     stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
     model.train()
@@ -324,6 +339,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         steps_this_epoch = min(steps_per_epoch, stop_at - epoch * steps_per_epoch) - sampler.start
         bar = _progress(cfg.progress and rank == 0, steps_this_epoch, f"epoch {epoch + 1}/{num_epochs}")
         loss_sum, n_loss, t_epoch = 0.0, 0, time.time()
+        if resumed_running is not None and sampler.start:  # resumed mid-epoch: the epoch's running loss goes on
+            loss_sum, n_loss = resumed_running
+        resumed_running = None
         for batch in loader:
             if step >= stop_at:
                 break
@@ -359,7 +377,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             step += 1
             loss_val = _global_mean(loss.detach())
             loss_sum, n_loss = loss_sum + loss_val, n_loss + 1
-            ips = (n_loss * cfg.batch_size) / max(time.time() - t_epoch, 1e-9)
+            ips = ((step - epoch * steps_per_epoch - sampler.start) * cfg.batch_size) / max(time.time() - t_epoch, 1e-9)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.4f}", acc=f"{last_acc:.2f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
@@ -372,7 +390,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                     rec.update(tracker.metrics())
                 log.write(rec)
             if cfg.ckpt_every_steps and step % cfg.ckpt_every_steps == 0 and step % steps_per_epoch:
-                save(last_path, step, step / steps_per_epoch, full=True)
+                save(last_path, step, step / steps_per_epoch, full=True, running=(loss_sum, n_loss))
         if bar is not None:
             bar.close()
         epoch_done = step % steps_per_epoch == 0 or step == total_steps
@@ -397,6 +415,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- helpers
+def _check_replicas_agree(model: nn.Module) -> list[float]:
+    """A digest of every quantizer scale and offset on each rank; raises if the replicas differ."""
+    from ..quant import iter_quantizers
+
+    digest = torch.zeros((), dtype=torch.float64)
+    for i, q in enumerate(iter_quantizers(model)):
+        for p in (q.scale, q.offset):
+            if p is not None:
+                digest += (p.detach().double().cpu() * (1 + (i % 97) / 97)).sum()
+    if not dist.is_initialized():
+        return [digest.item()]
+    digest = digest.to(next(model.parameters()).device)  # nccl gathers device tensors
+    gathered = [torch.zeros_like(digest) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, digest)
+    values = [g.item() for g in gathered]
+    if any(v != values[0] for v in values):
+        raise TrainingError(f"quantizer scales differ between ranks after calibration: {values}")
+    return values
+
+
 def _global_mean(value: Tensor) -> float:
     if dist.is_initialized():
         value = value.clone()

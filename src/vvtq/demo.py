@@ -1,0 +1,102 @@
+"""``vvtq demo``: quantize the shipped mini DeiT teacher to W2A2 with the vvtq recipe and compare with FP.
+
+Steps: (1) the FP teacher: the checkpoint shipped in ``vvtq/assets`` (or, with ``--from-scratch``, one trained
+now by ``configs/mini_deit_fp.yaml``); (2) its test accuracy; (3) W2A2 QAT from it with the ``vvtq`` preset,
+multi-crop distillation from the live teacher and the bin regularizer (``configs/demo_mini_deit_w2a2.yaml``);
+(4) a table of FP vs W2A2 test accuracy, model size and wall time.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .train import TrainConfig, load_checkpoint, save_checkpoint, train
+from .train.checkpoint import CheckpointError
+from .train.loop import eval_loader, evaluate, load_model
+
+ASSET = Path(__file__).parent / "assets" / "mini_deit_fmnist.safetensors"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+QUICK = ["train_subset=512", "val_subset=1000", "epochs=1", "batch_size=64", "calib_batches=2", "log_every=4"]
+QUICK_TEACHER = ["train_subset=2048", "val_subset=1000", "epochs=1", "batch_size=64", "warmup_epochs=0.2"]
+
+
+def model_size_bytes(model: torch.nn.Module) -> int:
+    """Deployed size: quantized weights at their bit-width, everything else (and the scales) at FP32."""
+    from .quant import iter_weight_quantizers
+
+    quantized = {id(layer.weight): q.bits for layer, q in iter_weight_quantizers(model)}
+    bits = sum(p.numel() * quantized.get(id(p), 32) for p in model.parameters())
+    return bits // 8
+
+
+def ship_teacher(src: str | Path, dst: str | Path = ASSET) -> Path:
+    """Copy a trained FP checkpoint without its optimizer state (the small asset the demo starts from)."""
+    ckpt = load_checkpoint(src)
+    if ckpt["meta"].get("quant") is not None:
+        raise CheckpointError(f"{src} is quantized; the demo's teacher is an FP checkpoint")
+    meta = {k: v for k, v in ckpt["meta"].items() if k not in ("format", "version", "optimizer")}
+    save_checkpoint(dst, ckpt["model"], meta)
+    return Path(dst)
+
+
+def _recipe(name: str) -> Path:
+    path = CONFIGS / name
+    if not path.is_file():
+        raise CheckpointError(f"recipe {path} not found: run the demo from a vvtq source checkout")
+    return path
+
+
+def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/demo", device: str = "auto") -> dict:
+    """Run the demo and print its table; returns the numbers."""
+    out_dir = Path(out)
+    t0 = time.time()
+    teacher_path, teacher_time = ASSET, None
+    if from_scratch or not ASSET.is_file():
+        if not from_scratch:
+            print(f"no shipped teacher at {ASSET}; training one first (--from-scratch)")
+        print("== 1/3  training the FP teacher (configs/mini_deit_fp.yaml)")
+        sets = [f"out={out_dir / 'teacher'}", f"device={device}"] + (QUICK_TEACHER if quick else [])
+        t = time.time()
+        train(TrainConfig.from_yaml(_recipe("mini_deit_fp.yaml"), sets))
+        teacher_path, teacher_time = out_dir / "teacher" / "last.safetensors", time.time() - t
+    else:
+        print(f"== 1/3  FP teacher: {teacher_path.name} (shipped; `vvtq demo --from-scratch` retrains it)")
+
+    teacher, meta = load_model(teacher_path, "cpu")
+    from .data import SubsetImageDataset, build_dataset
+
+    test = build_dataset(meta["train_config"]["data"], "test", meta["train_config"].get("data_root"))
+    if quick:
+        test = SubsetImageDataset(test, range(1000))
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    print(f"== 2/3  evaluating the FP teacher on {len(test)} test images")
+    fp_acc = evaluate(teacher.to(dev), eval_loader(test, meta["img_size"]), dev)["acc"]
+
+    print("== 3/3  W2A2 quantization-aware training: vvtq preset, 4-crop KD from the teacher, bin regularizer")
+    sets = [f"out={out_dir / 'w2a2'}", f"init_from={teacher_path}", f"teacher.checkpoint={teacher_path}",
+            f"device={device}"] + (QUICK if quick else [])
+    t = time.time()
+    result = train(TrainConfig.from_yaml(_recipe("demo_mini_deit_w2a2.yaml"), sets))
+    qat_time = time.time() - t
+    student, qmeta = load_model(out_dir / "w2a2" / "last.safetensors", dev)
+    q_acc = evaluate(student, eval_loader(test, meta["img_size"]), dev)["acc"]
+
+    rows = [
+        ("FP32 teacher", fp_acc, model_size_bytes(teacher), teacher_time),
+        ("W2A2 (vvtq)", q_acc, model_size_bytes(student), qat_time),
+    ]
+    print()
+    print(f"{'model':<16}{'test top-1':>12}{'size':>12}{'train time':>14}")
+    for name, acc, size, secs in rows:
+        when = "shipped" if secs is None else f"{secs / 60:.1f} min"
+        print(f"{name:<16}{acc:>11.2f}%{size / 1e6:>10.3f} MB{when:>14}")
+    crops = result["step"] * TrainConfig.from_yaml(_recipe("demo_mini_deit_w2a2.yaml"), sets).batch_size
+    print(f"\nQAT budget: {crops} crops ({result['step']} steps). Test set: {len(test)} Fashion-MNIST images. "
+          f"Total wall time {(time.time() - t0) / 60:.1f} min.")
+    print(f"Checkpoints: {out_dir / 'w2a2' / 'last.safetensors'} (vvtq eval --checkpoint ...), metrics in "
+          f"{out_dir / 'w2a2' / 'metrics.jsonl'}")
+    return {"fp_acc": fp_acc, "w2a2_acc": q_acc, "fp_bytes": rows[0][2], "w2a2_bytes": rows[1][2],
+            "qat_s": qat_time, "total_s": time.time() - t0}

@@ -1,0 +1,23 @@
+"""`vvtq demo --quick` runs end to end and prints its table (the numbers of a quick run mean nothing)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from vvtq.demo import ASSET
+
+
+def test_demo_quick(tmp_path):
+    t = time.time()
+    res = subprocess.run([sys.executable, "-m", "vvtq", "--threads", "1", "demo", "--quick", "--out",
+                          str(tmp_path / "demo")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout
+    assert "FP32 teacher" in out and "W2A2 (vvtq)" in out and "MB" in out
+    assert (tmp_path / "demo" / "w2a2" / "last.safetensors").is_file()
+    if ASSET.is_file():
+        assert "shipped" in out
+        assert time.time() - t < 120, "vvtq demo --quick must stay under 2 minutes"
