@@ -1,0 +1,194 @@
+"""Tests for vvtq.export.format: round trip, header contents, and refusal of corrupt / lying files."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import struct
+
+import pytest
+import timm
+import torch
+
+import vvtq.models  # noqa: F401  (registers mini_deit / mini_swin)
+from vvtq.cli import main
+from vvtq.export import ExportFormatError, read_packed, size_table, unpack, write_packed
+from vvtq.export.format import HASH_KEY, META_KEY
+from vvtq.export.runtime import build_runtime
+from vvtq.quant import QuantConfig, QuantLinear, calibrate, quantize_model
+from vvtq.train.checkpoint import save_checkpoint
+
+torch.set_num_threads(1)
+
+
+def _model(bits: int = 2, **kw) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(0)
+    m = timm.create_model("mini_deit", depth=2, **kw)
+    quantize_model(m, QuantConfig.preset("vvtq", bits))
+    calibrate(m, [torch.randn(8, 1, 28, 28)])
+    meta = {"model": "mini_deit", "model_kwargs": {"depth": 2, **kw}, "img_size": 28, "mean": [0.286],
+            "std": [0.353], "classes": [str(i) for i in range(10)], "quant": m.vvtq_config.to_dict(),
+            "train_config": {"data": "fashion_mnist", "val_split": "test"}}
+    return m.eval(), meta
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    m, meta = _model()
+    path = tmp_path_factory.mktemp("fmt") / "m.vvtq.safetensors"
+    write_packed(m, meta, path)
+    return m, meta, path
+
+
+def _split(raw: bytes) -> tuple[dict, bytes]:
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _rewrite(raw: bytes, edit) -> bytes:
+    """Re-encode a packed file after ``edit(export_header_dict, safetensors_index)``, with valid checksums."""
+    index, data = _split(raw)
+    header = json.loads(index["__metadata__"][META_KEY])
+    edit(header, index)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"))
+    index["__metadata__"] = {META_KEY: text, HASH_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    blob = json.dumps(index).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
+def test_round_trip_header_and_codes(packed):
+    m, meta, path = packed
+    pf = read_packed(path)
+    h = pf.header
+    assert (h["format"], h["version"]) == ("vvtq-packed", 1)
+    assert h["arch"]["model"] == "mini_deit" and h["arch"]["model_kwargs"] == {"depth": 2}
+    assert h["quant"] == meta["quant"] and h["fp_dtype"] == "float32"
+    layer = m.blocks[0].attn.q
+    assert isinstance(layer, QuantLinear)
+    e = h["packed"]["blocks.0.attn.q.weight.codes"]
+    assert (e["bits"], e["signed"], e["shape"], e["granularity"], e["axis"]) == (2, True, [96, 96], "channel", 0)
+    assert pf.tensors["blocks.0.attn.q.weight.codes"].numel() == 96 * 96 * 2 // 8
+    codes = unpack(pf.tensors["blocks.0.attn.q.weight.codes"], 2, True, e["shape"])
+    assert torch.equal(codes, layer.weight_quant.codes(layer.weight))
+    assert torch.equal(pf.tensors["blocks.0.attn.q.weight_quant.scale"], layer.weight_quant.scale.detach())
+    q = h["quantizers"]["blocks.0.mlp.fc2.input_quant"]
+    assert (q["signed"], q["offset"], q["kind"]) == (False, True, "mlp_hidden")
+    assert "blocks.0.mlp.fc2.input_quant.offset" in pf.tensors
+    assert h["quantizers"]["blocks.0.attn.q_quant"]["granularity"] == "head"
+    for name in ("pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.q.bias", "norm.bias"):
+        assert name in h["fp"] and pf.tensors[name].dtype == torch.float32
+    assert "blocks.0.attn.q.weight" not in pf.tensors  # only the codes
+    rows = size_table(h, pf.tensors)
+    assert rows[-1]["group"] == "total" and rows[-1]["ratio"] > 5
+
+
+def test_export_is_deterministic(packed, tmp_path):
+    m, meta, path = packed
+    path2 = tmp_path / "again.vvtq.safetensors"
+    write_packed(m, meta, path2)
+    assert read_packed(path2).header == read_packed(path).header  # same payload checksum too
+
+
+@pytest.mark.parametrize("keep", [0, 7, 8, 100, "header", "half", -1])
+def test_truncated_files_are_refused(packed, tmp_path, keep):
+    raw = packed[2].read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    cut = {"header": 8 + n, "half": len(raw) // 2}.get(keep, keep)
+    bad = tmp_path / "cut.vvtq.safetensors"
+    bad.write_bytes(raw[:cut] if cut >= 0 else raw[:len(raw) + cut])
+    with pytest.raises(ExportFormatError):
+        read_packed(bad)
+
+
+def test_bit_flips_anywhere_are_refused(packed, tmp_path):
+    raw = bytearray(packed[2].read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    rng = random.Random(0)
+    positions = list(range(8)) + rng.sample(range(8, 8 + n), 60) + rng.sample(range(8 + n, len(raw)), 60)
+    bad = tmp_path / "flip.vvtq.safetensors"
+    for pos in positions:
+        flipped = bytearray(raw)
+        flipped[pos] ^= 1 << rng.randrange(8)
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(ExportFormatError):
+            read_packed(bad)
+
+
+def test_wrong_version_and_format_are_refused(packed, tmp_path):
+    raw = packed[2].read_bytes()
+    bad = tmp_path / "v.vvtq.safetensors"
+    bad.write_bytes(_rewrite(raw, lambda h, i: h.update(version=2)))
+    with pytest.raises(ExportFormatError, match="version 2 is not supported"):
+        read_packed(bad)
+    bad.write_bytes(_rewrite(raw, lambda h, i: h.update(format="something-else")))
+    with pytest.raises(ExportFormatError, match="format"):
+        read_packed(bad)
+
+
+def test_a_checkpoint_is_not_a_packed_file(tmp_path):
+    m, meta = _model()
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_checkpoint(ckpt, m.state_dict(), meta)
+    with pytest.raises(ExportFormatError, match="not a vvtq packed export"):
+        read_packed(ckpt)
+    with pytest.raises(ExportFormatError, match="not found"):
+        read_packed(tmp_path / "missing.vvtq.safetensors")
+
+
+def test_header_lying_about_sizes_is_refused_without_allocating(packed, tmp_path):
+    raw = packed[2].read_bytes()
+    bad = tmp_path / "lie.vvtq.safetensors"
+    name = "blocks.0.attn.q.weight.codes"
+
+    def huge_codes(h, i):
+        h["packed"][name].update(shape=[1 << 30, 1 << 20], numel=1 << 50)
+        h["layers"]["blocks.0.attn.q"]["weight_shape"] = [1 << 30, 1 << 20]
+
+    def more_codes(h, i):  # consistent header, but the stored tensor is smaller than the declared codes need
+        h["packed"][name].update(shape=[96, 192], numel=96 * 192)
+        h["layers"]["blocks.0.attn.q"]["weight_shape"] = [96, 192]
+
+    def index_lies(h, i):  # the safetensors index claims a larger tensor than the bytes behind it
+        i[name]["shape"] = [10 ** 9]
+
+    for edit, match in ((huge_codes, "declared element count"), (more_codes, "stored as"),
+                        (index_lies, "corrupt or truncated")):
+        bad.write_bytes(_rewrite(raw, edit))
+        with pytest.raises(ExportFormatError, match=match):
+            read_packed(bad)
+    # a header whose architecture needs far more parameters than the file holds: refused on the meta device
+    bad.write_bytes(_rewrite(raw, lambda h, i: h["arch"]["model_kwargs"].update(embed_dim=96 * 64,
+                                                                               mlp_ratio=64.0)))
+    with pytest.raises(ExportFormatError, match="needs"):
+        build_runtime(bad)
+
+
+def test_cli_refuses_bad_file_with_one_line(packed, tmp_path, capsys):
+    raw = bytearray(packed[2].read_bytes())
+    raw[-5] ^= 0x10
+    bad = tmp_path / "bad.vvtq.safetensors"
+    bad.write_bytes(bytes(raw))
+    assert main(["eval", "--packed", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vvtq: error:") and "checksum" in err and len(err.splitlines()) == 1
+    bad.write_bytes(bytes(raw[:1000]))
+    assert main(["eval", "--packed", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vvtq: error:") and len(err.splitlines()) == 1
+
+
+def test_cli_export_and_eval(tmp_path, capsys):
+    m, meta = _model()
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_checkpoint(ckpt, m.state_dict(), meta)
+    out = tmp_path / "m.vvtq.safetensors"
+    assert main(["export", str(ckpt), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fc1" in text and "total" in text and "ratio" in text
+    assert main(["eval", "--packed", str(out), "--limit", "20"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    out16 = tmp_path / "m16.vvtq.safetensors"
+    assert main(["export", str(ckpt), "--out", str(out16), "--fp16"]) == 0
+    assert read_packed(out16).header["fp_dtype"] == "float16"
+    assert out16.stat().st_size < out.stat().st_size
