@@ -10,7 +10,7 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check src tests benchmarks
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q
+	OMP_NUM_THREADS=2 VVTQ_TEST_THREADS=2 $(PY) -m pytest -q
 
 lint: setup
 	.venv/bin/ruff check src tests benchmarks

@@ -94,8 +94,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
                    capture_output=True)
     a, b = load_file(ref / "last.safetensors"), load_file(run / "last.safetensors")
     assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    differ = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not differ, differ
     for kind in ("step", "epoch"):
         ref_records, run_records = _records(ref / "metrics.jsonl", kind), _records(run / "metrics.jsonl", kind)
         assert _strip_times(ref_records) == _strip_times(run_records)
