@@ -36,19 +36,24 @@ def check_bits(bits: int, what: str = "bit-width") -> int:
 def mse_fit_scale(v: Tensor, qmin: int, qmax: int, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
     """Least-squares step size per row of ``v`` ([G, n]) by alternating rounding and refitting (METHOD.md §2).
 
-    Starts at ``s = max|v| / Qp`` and repeats ``q = clamp(round(v/s)); s = <v,q>/<q,q>`` until the largest
-    relative change is below ``tol`` or ``max_iter`` rounds have run. Vectorised over rows.
+    Starts at ``s = max|v| / Qp`` and repeats ``q = clamp(round(v/s)); s = <v,q>/<q,q>``; each row stops once
+    its relative change is below ``tol``, and all stop after ``max_iter`` rounds. Vectorised over rows.
     """
     v = v.float()
     s = (v.abs().amax(dim=1) / qmax).clamp_min(_MIN_SCALE)
+    active = torch.arange(v.shape[0])
+    va, sa = v, s.clone()
     for _ in range(max_iter):
-        q = torch.clamp(torch.round(v / s[:, None]), qmin, qmax)
-        qq = (q * q).sum(dim=1)
-        s_new = torch.where(qq > 0, (v * q).sum(dim=1) / qq.clamp_min(1e-12), s).clamp_min(_MIN_SCALE)
-        done = ((s_new - s).abs() / s).max() < tol
-        s = s_new
-        if done:
+        q = torch.div(va, sa[:, None]).round_().clamp_(qmin, qmax)  # one buffer, in place
+        qq = torch.linalg.vecdot(q, q)  # fused multiply-and-sum, no temporaries
+        s_new = torch.where(qq > 0, torch.linalg.vecdot(va, q) / qq.clamp_min(1e-12), sa).clamp_min(_MIN_SCALE)
+        moving = (s_new - sa).abs() / sa >= tol
+        s[active] = s_new
+        if not bool(moving.any()):
             break
+        if not bool(moving.all()):  # drop the rows that have converged
+            active, va, s_new = active[moving], va[moving], s_new[moving]
+        sa = s_new
     return s
 
 
