@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quant.modules import attention_bias
 from .format import ExportFormatError, PackedFile, read_packed
 from .packing import code_range
 
@@ -296,17 +297,7 @@ class IntAttention(nn.Module):
         return t.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _bias(self, N: int, B: int, mask: Tensor | None) -> Tensor | None:
-        bias = None
-        if self.rel_pos is not None:
-            bias = self.rel_pos._get_rel_pos_bias()
-            if mask is not None:
-                num_win = mask.shape[0]
-                mask = mask.view(1, num_win, 1, N, N).expand(B // num_win, -1, self.num_heads, -1, -1)
-                bias = bias + mask.reshape(-1, self.num_heads, N, N)
-        elif mask is not None:
-            bias = mask if mask.dtype != torch.bool else torch.zeros_like(
-                mask, dtype=torch.float64).masked_fill(~mask, float("-inf"))
-        return bias
+        return attention_bias(self.rel_pos, self.num_heads, N, B, mask, dtype=torch.float64)
 
     @staticmethod
     def _run(q: ActQuant | None, t: Tensor) -> Tensor | QT:

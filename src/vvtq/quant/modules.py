@@ -18,6 +18,24 @@ def _run(quant: Quantizer | None, x: Tensor) -> Tensor:
     return x if quant is None else quant(x)
 
 
+def attention_bias(rel_pos: nn.Module | None, num_heads: int, N: int, B: int, mask: Tensor | None,
+                   dtype: torch.dtype = torch.float) -> Tensor | None:
+    """Additive attention bias [B or 1, H, N, N]: Swin's relative positions (``rel_pos`` is the source
+    ``WindowAttention``) plus its shifted-window mask [num_windows, N, N]; or a ViT mask (bool masks become
+    0 / -inf)."""
+    bias = None
+    if rel_pos is not None:
+        bias = rel_pos._get_rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            mask = mask.view(1, num_win, 1, N, N).expand(B // num_win, -1, num_heads, -1, -1)
+            bias = bias + mask.reshape(-1, num_heads, N, N)
+    elif mask is not None:
+        bias = mask if mask.dtype != torch.bool else torch.zeros_like(mask, dtype=dtype).masked_fill(
+            ~mask, float("-inf"))
+    return bias
+
+
 class QuantLinear(nn.Linear):
     """``y = Q_in(x) @ Q_w(W)^T + b``. Shares the source layer's weight and bias parameters."""
 
@@ -90,18 +108,7 @@ class QuantAttention(nn.Module):
         return qkv.unbind(0)
 
     def _bias(self, N: int, B: int, mask: Tensor | None) -> Tensor | None:
-        """Additive attention bias [B or 1, H, N, N]: Swin's relative positions + shifted-window mask."""
-        bias = None
-        if self.rel_pos is not None:
-            bias = self.rel_pos._get_rel_pos_bias()
-            if mask is not None:
-                num_win = mask.shape[0]
-                mask = mask.view(1, num_win, 1, N, N).expand(B // num_win, -1, self.num_heads, -1, -1)
-                bias = bias + mask.reshape(-1, self.num_heads, N, N)
-        elif mask is not None:
-            bias = mask if mask.dtype != torch.bool else torch.zeros_like(mask, dtype=torch.float).masked_fill(
-                ~mask, float("-inf"))
-        return bias
+        return attention_bias(self.rel_pos, self.num_heads, N, B, mask)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, attn_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
