@@ -112,11 +112,7 @@ class TrainConfig:
             raise ConfigError("teacher.source=live needs teacher.checkpoint")
         if source == "file" and not self.teacher.get("softlabels"):
             raise ConfigError("teacher.source=file needs teacher.softlabels (made by `vvtq softlabels`)")
-        if self.quant is not None:
-            from ..quant import QuantConfig
-
-            self.quant_config()  # raises QuantizerError with a clear message
-            del QuantConfig
+        self.quant_config()  # a bad quantization setting raises QuantizerError with a clear message
         return self
 
     def quant_config(self):
