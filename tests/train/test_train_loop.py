@@ -102,7 +102,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
 
 
 def _torchrun(out: Path, args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "vvtq", "--threads", "1", "train", "--config", FP, "--out", str(out), *args]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
