@@ -133,3 +133,21 @@ def test_torchrun_two_processes_match_one(tmp_path):
             digests = _records(two, "calibration")[0]["scale_digests"]
             assert len(digests) == 2 and digests[0] == digests[1]  # identical scales on every rank
             assert digests[0] == pytest.approx(_records(one, "calibration")[0]["scale_digests"][0], rel=1e-6)
+
+
+def test_qat_from_precomputed_soft_labels(tmp_path):
+    """Teacher source 'file': `vvtq softlabels` output replayed in training, refused for another dataset."""
+    from vvtq.cli import main
+
+    teacher = tmp_path / "fp"
+    train(TrainConfig.from_yaml(FP, TINY + [f"out={teacher}", "max_steps=2"]))
+    labels = tmp_path / "labels.safetensors"
+    assert main(["--threads", "1", "softlabels", "--teacher", str(teacher / "last.safetensors"), "--out",
+                 str(labels), "--crops", "4", "--top-k", "3", "--limit", "256", "--batch-size", "256"]) == 0
+    sets = TINY + QAT + [f"init_from={teacher / 'last.safetensors'}", "num_crops=2",
+                         f"teacher={{source: file, softlabels: {labels}}}", "max_steps=3"]
+    result = train(TrainConfig.from_yaml(FP, sets + [f"out={tmp_path / 'q'}"]))
+    assert result["step"] == 3
+    assert all(r["loss"] > 0 for r in _records(tmp_path / "q" / "metrics.jsonl", "step"))
+    with pytest.raises(ValueError, match="(?i)image|fingerprint|dataset"):
+        train(TrainConfig.from_yaml(FP, sets + ["train_subset=128", f"out={tmp_path / 'q2'}"]))
