@@ -255,6 +255,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     images_per_batch = cfg.batch_size // cfg.num_crops
     train_views = MultiCropDataset(train_set, cfg.num_crops, cfg.img_size, tuple(cfg.crop_scale), seed=cfg.seed)
     sampler = ImageBatchSampler(len(train_set), images_per_batch, rank, world, cfg.seed)
+    # the teacher (or its soft-label file) is checked before any time is spent on calibration
+    teacher, source = None, (cfg.teacher or {}).get("source", "none")
+    hard_weight = float((cfg.teacher or {}).get("hard_weight", 0.0))
+    if source == "live":
+        teacher = load_teacher(cfg.teacher["checkpoint"], model_kwargs, device)
+    elif source == "file":
+        from ..data import ReplayCropDataset, replay_collate
+
+        train_views = ReplayCropDataset(train_set, cfg.teacher["softlabels"], cfg.num_crops, cfg.img_size,
+                                        seed=cfg.seed)
+    collate = multicrop_collate if source != "file" else replay_collate
     steps_per_epoch = len(train_set) // images_per_batch
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(train_set)} training images cannot fill one batch of {images_per_batch}")
@@ -269,7 +280,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             raise CheckpointError(f"{last_path} does not fit this recipe's model: {exc}") from None
     elif qcfg is not None:  # calibrate on the same leading batches on every rank (identical scales)
         calib_sampler = ImageBatchSampler(len(train_set), images_per_batch, 0, 1, cfg.seed + 1)
-        calib = DataLoader(train_views, batch_sampler=calib_sampler, collate_fn=multicrop_collate)
+        calib = DataLoader(train_views, batch_sampler=calib_sampler, collate_fn=collate)
         calibrate(model, calib, num_batches=cfg.calib_batches, device=device)
         calib_digests = _check_replicas_agree(model)
 
@@ -284,16 +295,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         start_step, best_acc = ckpt["meta"]["step"], ckpt["meta"]["best_acc"]
         history = ckpt["meta"]["history"]
 
-    teacher, source = None, (cfg.teacher or {}).get("source", "none")
-    hard_weight = float((cfg.teacher or {}).get("hard_weight", 0.0))
-    if source == "live":
-        teacher = load_teacher(cfg.teacher["checkpoint"], model_kwargs, device)
-    elif source == "file":
-        from ..data import ReplayCropDataset, replay_collate
-
-        train_views = ReplayCropDataset(train_set, cfg.teacher["softlabels"], cfg.num_crops, cfg.img_size,
-                                        seed=cfg.seed)
-    collate = multicrop_collate if source != "file" else replay_collate
     regularizer = tracker = None
     if qcfg is not None and cfg.regularizer:
         from ..regularize import ModelBinRegularizer
