@@ -79,7 +79,8 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     sets = [f"out={out_dir / 'w2a2'}", f"init_from={teacher_path}", f"teacher.checkpoint={teacher_path}",
             f"device={device}"] + (QUICK if quick else [])
     t = time.time()
-    result = train(TrainConfig.from_yaml(_recipe("demo_mini_deit_w2a2.yaml"), sets))
+    qat_cfg = TrainConfig.from_yaml(_recipe("demo_mini_deit_w2a2.yaml"), sets)
+    result = train(qat_cfg)
     qat_time = time.time() - t
     student, qmeta = load_model(out_dir / "w2a2" / "last.safetensors", dev)
     q_acc = evaluate(student, eval_loader(test, meta["img_size"]), dev)["acc"]
@@ -93,7 +94,7 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     for name, acc, size, secs in rows:
         when = "shipped" if secs is None else f"{secs / 60:.1f} min"
         print(f"{name:<16}{acc:>11.2f}%{size / 1e6:>10.3f} MB{when:>14}")
-    crops = result["step"] * TrainConfig.from_yaml(_recipe("demo_mini_deit_w2a2.yaml"), sets).batch_size
+    crops = result["step"] * qat_cfg.batch_size
     print(f"\nQAT budget: {crops} crops ({result['step']} steps). Test set: {len(test)} Fashion-MNIST images. "
           f"Total wall time {(time.time() - t0) / 60:.1f} min.")
     print(f"Checkpoints: {out_dir / 'w2a2' / 'last.safetensors'} (vvtq eval --checkpoint ...), metrics in "
