@@ -35,7 +35,6 @@ RECIPES = {"lsq": "LSQ baseline", "vvtq": "VVTQ"}
 DEFAULT_BUDGET = 0.5  # crop-epochs per QAT run: 30k crops (x 24 runs) fits ~3 h on one free core
 QUICK_BUDGET = 0.5  # of the 256-image subset: 4 steps of 32 crops
 WARMUP_CROP_EPOCHS = 0.05  # the lsq recipes' warmup (1 crop per image); KD runs get the same number of steps
-KD_CROPS = 4
 # nominal speeds on one free core of this machine (crops/s for training, images/s for evaluation); measured at
 # load ~6 and scaled by 3, so only a guide: the log prints an ETA from the speeds actually seen.
 RATES = {"mini_deit": {"fp": 350.0, "qat": 130.0, "eval": 1200.0},
@@ -183,10 +182,12 @@ def plan(args: argparse.Namespace, teachers: dict[str, str]) -> tuple[list[Run],
     if args.ablation and "mini_deit" in args.models:
         model, teacher = "mini_deit", teachers.get("mini_deit") or str(work / "mini_deit_fp" / "last.safetensors")
         base = TrainConfig.from_yaml(CONFIGS / f"{model}_w2a2_lsq.yaml")
+        full = TrainConfig.from_yaml(CONFIGS / f"{model}_w2a2_vvtq.yaml")
         for key, components, _ in ABLATION:
             spec = base.to_dict()
-            if "kd" in components:
-                spec.update(teacher={"source": "live", "checkpoint": teacher}, num_crops=KD_CROPS)
+            if "kd" in components:  # soft labels of the teacher for each crop, and the VVTQ recipe's crops
+                spec.update(teacher={"source": "live", "checkpoint": teacher}, num_crops=full.num_crops,
+                            crop_scale=full.crop_scale)
             if "md" in components:
                 spec["quant"] = {**spec["quant"], "preset": "vvtq"}
             if "reg" in components:
@@ -209,14 +210,14 @@ def _steps_and_crops(cfg: Any) -> tuple[int, int]:
     return steps, steps * cfg.batch_size
 
 
-def estimate_s(run: Run, threads: int) -> float:
-    """Nominal seconds left for a run (0 if finished)."""
-    if (run.out / "result.json").is_file():
+def estimate_s(run: Run, threads: int, fresh: bool = False) -> float:
+    """Nominal seconds left for a run (0 if finished); ``fresh``: the whole run, whatever is on disk."""
+    if not fresh and (run.out / "result.json").is_file():
         return 0.0
     steps, crops = _steps_and_crops(run.cfg)
     done = 0
     last = run.out / "last.safetensors"
-    if last.is_file():
+    if not fresh and last.is_file():
         from vvtq.train import read_meta
 
         try:
@@ -229,6 +230,56 @@ def estimate_s(run: Run, threads: int) -> float:
     n_val = run.cfg.val_subset or 10_000
     evals = math.ceil(run.cfg.epochs) if run.cfg.quant is None else 1
     return train_s + evals * n_val / (rate["eval"] * speed)
+
+
+def assign_shards(runs: list[Run], n: int, threads: int) -> list[list[Run]]:
+    """Split the runs over ``n`` workers: FP teachers first, then longest first onto the least-loaded worker.
+
+    Depends only on the plan (not on what is on disk), so every worker computes the same split.
+    """
+    shards: list[list[Run]] = [[] for _ in range(n)]
+    load = [0.0] * n
+    order = sorted(runs, key=lambda r: (r.cfg.quant is not None, -estimate_s(r, threads, fresh=True), r.name))
+    for run in order:
+        k = min(range(n), key=lambda i: (load[i], i))
+        shards[k].append(run)
+        load[k] += estimate_s(run, threads, fresh=True)
+    return shards
+
+
+def wait_for_teacher(fp_run: Run, work: Path, poll_s: float = 20.0) -> bool:
+    """Block until another worker has finished (True) or failed (False) the FP teacher ``fp_run``."""
+    while True:
+        if (fp_run.out / "result.json").is_file():
+            return True
+        if (fp_run.out / "failed.txt").is_file():
+            return False
+        time.sleep(poll_s)
+
+
+def spawn_workers(args: argparse.Namespace, argv: list[str], work: Path) -> list[int]:
+    """Run the study as ``args.jobs`` worker processes (``--shard K/N``); returns their exit codes."""
+    import subprocess
+
+    # drop --jobs N / --jobs=N: the workers run one share each
+    cleaned, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--jobs":
+            skip = True
+            continue
+        if a.startswith("--jobs="):
+            continue
+        cleaned.append(a)
+    procs = []
+    for k in range(args.jobs):
+        cmd = [sys.executable, str(Path(__file__).resolve()), *cleaned, "--shard", f"{k}/{args.jobs}"]
+        with open(work / f"worker{k}.log", "a") as log:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+        _log(work, f"worker {k}: pid {procs[-1].pid}, log {work / f'worker{k}.log'}")
+    return [p.wait() for p in procs]
 
 
 # --------------------------------------------------------------------------- running
@@ -252,11 +303,13 @@ def execute(run: Run, work: Path) -> dict[str, Any] | None:
         if old != want:
             raise StudyError(f"{run.out} holds an unfinished run with another config; use another --work "
                              f"(or delete that folder)")
+    (run.out / "failed.txt").unlink(missing_ok=True)
     t0 = time.time()
     try:
         out = train(run.cfg, resume=resume)
     except Exception as exc:  # a failed run is reported and the study goes on
         _log(work, f"FAILED {run.name}: {type(exc).__name__}: {exc}")
+        _write_atomic(run.out / "failed.txt", f"{type(exc).__name__}: {exc}\n")
         return None
     res = {"name": run.name, "model": run.model, "kind": run.kind, "bits": run.bits, "seed": run.seed,
            "groups": run.groups, "num_crops": run.cfg.num_crops, "epochs": run.cfg.epochs, "steps": out["step"],
@@ -370,8 +423,8 @@ def _resolve(runs: list[Run], name: str) -> str:
     return name
 
 
-def markdown(doc: dict[str, Any], runs: list[Run], results: dict[str, dict]) -> str:
-    """The accuracy.md report."""
+def markdown(doc: dict[str, Any], runs: list[Run], results: dict[str, dict], findings: str | None = None) -> str:
+    """The accuracy.md report; ``findings``: the text of its last section (written by hand)."""
     b = doc["budget"]
     seeds = doc["seeds"]["w2a2"]
     lines = ["# Accuracy study: LSQ baseline vs VVTQ (Fashion-MNIST, mini DeiT / mini Swin)", "",
@@ -426,8 +479,9 @@ def markdown(doc: dict[str, Any], runs: list[Run], results: dict[str, dict]) -> 
         lines.append(f"| {run.name} | {run.model} | {run.kind} | {bits} | {run.seed} | {run.cfg.num_crops} | "
                      f"{r['steps']} | {_fmt(r['final_acc'])} | {_fmt(r['best_acc'])} | "
                      f"{_fmt(r.get('osc_overall'), 4)} | {wall} |")
-    lines += ["", "![accuracy against bit-width](accuracy.png)", "", "## Findings", "",
-              "_To be written by the lead after reading the results._", ""]
+    lines += ["", "![accuracy against bit-width](accuracy.png)", "", "## Findings", ""]
+    lines += [findings.strip() if findings else "_Not written yet: put them in `accuracy_findings.md` beside this "
+              "file; every rewrite of this report includes that file here._", ""]
     return "\n".join(lines)
 
 
@@ -478,6 +532,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results; quick: WORK/results)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps inside a run (resumption)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process with --threads threads (default 1)")
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # K/N: a --jobs worker's share of the runs
     p.add_argument("--estimate-only", action="store_true", help="print the plan and the time estimate, then exit")
     p.add_argument("--report-only", action="store_true", help="write the results from finished runs, train nothing")
     args = p.parse_args(argv)
@@ -485,6 +542,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.budget = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
     if args.budget <= 0:
         p.error("--budget must be positive")
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    if args.shard is not None:
+        k, _, n = args.shard.partition("/")
+        if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+            p.error(f"--shard must be K/N with 0 <= K < N, got {args.shard}")
+        args.shard = (int(k), int(n))
     args.work = args.work or str(ROOT / ("runs/accuracy_quick" if args.quick else "runs/accuracy"))
     args.out = args.out or (str(Path(args.work) / "results") if args.quick else str(ROOT / "benchmarks/results"))
     args.seeds = list(dict.fromkeys(args.seeds))
@@ -496,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    command = shlex.join(["python", "benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "benchmarks/accuracy.py", *argv])
     work, out_dir = Path(args.work), Path(args.out)
     teachers = {m: p for m, p in (("mini_deit", args.teacher_deit), ("mini_swin", args.teacher_swin))
                 if p and m in args.models}
@@ -513,11 +578,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.estimate_only:
         for r in runs:
             print(f"  {r.name:36s} {', '.join(r.groups):40s} {_hms(estimate_s(r, args.threads))}")
+        if args.jobs > 1:
+            loads = [sum(estimate_s(r, args.threads) for r in sh) for sh in assign_shards(runs, args.jobs,
+                                                                                       args.threads)]
+            print(f"with --jobs {args.jobs}: about {_hms(max(loads))} of wall time (the busiest worker)")
         return 0
+    if args.jobs > 1 and args.shard is None and not args.report_only:
+        codes = spawn_workers(args, argv, work)
+        _log(work, f"workers finished with exit codes {codes}; writing the results")
+        args.report_only = True
+    mine = None
+    if args.shard is not None:
+        k, n = args.shard
+        mine = {r.name for r in assign_shards(runs, n, args.threads)[k]}
+        estimate = sum(estimate_s(r, args.threads) for r in runs if r.name in mine)
+        _log(work, f"worker {k}/{n}: {len(mine)} runs, estimate {_hms(estimate)}")
 
     results: dict[str, dict] = {}
     spent_est, spent_real, remaining = 0.0, 0.0, estimate
-    for i, run in enumerate(runs, 1):
+    # FP teachers first: the QAT runs start from them (a worker waits for a teacher another worker trains)
+    for i, run in enumerate(sorted(runs, key=lambda r: r.cfg.quant is not None), 1):
+        if mine is not None and run.name not in mine:
+            continue
         est = estimate_s(run, args.threads)
         if args.report_only:
             res_path = run.out / "result.json"
@@ -526,8 +608,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if run.cfg.quant is not None and run.model in fp_runs and run.model not in teachers \
                 and fp_runs[run.model].name not in results:
-            _log(work, f"skip {run.name}: its FP teacher did not finish")
-            continue
+            fp_run = fp_runs[run.model]
+            if mine is None or fp_run.name in mine or not wait_for_teacher(fp_run, work):
+                _log(work, f"skip {run.name}: its FP teacher did not finish")
+                continue
         if est:
             _log(work, f"[{i}/{len(runs)}] {run.name} ({', '.join(run.groups)}): starting"
                        + (" (continuing)" if (run.out / "last.safetensors").is_file() else ""))
@@ -542,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
             eta = remaining * spent_real / max(spent_est, 1e-9)
             _log(work, f"[{i}/{len(runs)}] {run.name}: final {res['final_acc']:.2f}% best {res['best_acc']:.2f}% "
                        f"osc {_fmt(res['osc_overall'], 4)} in {_hms(res['wall_s'])}; ETA {_hms(eta)}")
+    if mine is not None:  # a worker: the parent writes the results
+        return 1 if any(r.name not in results for r in runs if r.name in mine) else 0
     fp: dict[str, float | None] = {}
     for model in args.models:
         if model in teachers:
@@ -552,7 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     doc = summarize(args, runs, results, fp, teachers, command, estimate)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_dir / "accuracy.json", json.dumps(doc, indent=1))
-    _write_atomic(out_dir / "accuracy.md", markdown(doc, runs, results))
+    notes = out_dir / "accuracy_findings.md"
+    _write_atomic(out_dir / "accuracy.md", markdown(doc, runs, results,
+                                                    notes.read_text() if notes.is_file() else None))
     plot(doc, out_dir / "accuracy.png")
     missing = [r.name for r in runs if r.name not in results]
     _log(work, f"wrote {out_dir / 'accuracy.json'}, accuracy.md, accuracy.png"

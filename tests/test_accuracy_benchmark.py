@@ -55,11 +55,26 @@ def test_plan_equal_budgets_seeds_and_ablation(tmp_path):
     assert reg.regularizer["lambda_max"] == 0.01 and reg.quant["preset"] == "lsq"
 
 
+def test_shards_cover_every_run_once_teachers_first(tmp_path):
+    acc = _module()
+    args = acc.parse_args(["--work", str(tmp_path / "w")])
+    runs, fp_runs = acc.plan(args, {})
+    shards = acc.assign_shards(runs, 2, 1)
+    names = [r.name for sh in shards for r in sh]
+    assert sorted(names) == sorted(r.name for r in runs)  # each run in exactly one shard
+    assert {shards[0][0].name, shards[1][0].name} == {r.name for r in fp_runs.values()}  # one teacher each
+    loads = [sum(acc.estimate_s(r, 1, fresh=True) for r in sh) for sh in shards]
+    assert max(loads) - min(loads) <= max(acc.estimate_s(r, 1, fresh=True) for r in runs)
+    assert [r.name for r in acc.assign_shards(runs, 2, 1)[0]] == [r.name for r in shards[0]]  # deterministic
+
+
 def test_quick_end_to_end_and_resume(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     res = _run("--quick", "--models", "mini_deit", "--seeds", "0", "--no-ablation", "--work", str(work),
-               "--out", str(out))
+               "--out", str(out), "--jobs", "2")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "workers finished with exit codes [0, 0]" in res.stdout
+    assert all("starting" in (work / f"worker{k}.log").read_text() for k in (0, 1))
     for name in ("accuracy.json", "accuracy.md", "accuracy.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     doc = json.loads((out / "accuracy.json").read_text())

@@ -1,10 +1,11 @@
 """Tests for vvtq.export.format: round trip, header contents, and refusal of corrupt / lying files."""
 from __future__ import annotations
 
-import hashlib
+import base64
 import json
 import random
 import struct
+import zlib
 
 import pytest
 import timm
@@ -13,7 +14,7 @@ import torch
 import vvtq.models  # noqa: F401  (registers mini_deit / mini_swin)
 from vvtq.cli import main
 from vvtq.export import ExportFormatError, read_packed, size_table, unpack, write_packed
-from vvtq.export.format import HASH_KEY, META_KEY
+from vvtq.export.format import META_KEY, header_metadata
 from vvtq.export.runtime import build_runtime
 from vvtq.quant import QuantConfig, QuantLinear, calibrate, quantize_model
 from vvtq.train.checkpoint import save_checkpoint
@@ -45,13 +46,16 @@ def _split(raw: bytes) -> tuple[dict, bytes]:
     return json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
+def _header(raw: bytes) -> dict:
+    return json.loads(zlib.decompress(base64.b64decode(_split(raw)[0]["__metadata__"][META_KEY])))
+
+
 def _rewrite(raw: bytes, edit) -> bytes:
     """Re-encode a packed file after ``edit(export_header_dict, safetensors_index)``, with valid checksums."""
     index, data = _split(raw)
-    header = json.loads(index["__metadata__"][META_KEY])
+    header = _header(raw)
     edit(header, index)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"))
-    index["__metadata__"] = {META_KEY: text, HASH_KEY: hashlib.sha256(text.encode()).hexdigest()}
+    index["__metadata__"] = header_metadata(header)
     blob = json.dumps(index).encode()
     blob += b" " * (-len(blob) % 8)
     return struct.pack("<Q", len(blob)) + blob + data
@@ -61,7 +65,7 @@ def test_round_trip_header_and_codes(packed):
     m, meta, path = packed
     pf = read_packed(path)
     h = pf.header
-    assert (h["format"], h["version"]) == ("vvtq-packed", 1)
+    assert (h["format"], h["version"]) == ("vvtq-packed", 2)
     assert h["arch"]["model"] == "mini_deit" and h["arch"]["model_kwargs"] == {"depth": 2}
     assert h["quant"] == meta["quant"] and h["fp_dtype"] == "float32"
     layer = m.blocks[0].attn.q
@@ -78,9 +82,36 @@ def test_round_trip_header_and_codes(packed):
     assert h["quantizers"]["blocks.0.attn.q_quant"]["granularity"] == "head"
     for name in ("pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.q.bias", "norm.bias"):
         assert name in h["fp"] and pf.tensors[name].dtype == torch.float32
+        assert torch.equal(pf.tensors[name], m.state_dict()[name])
+    assert h["fp"]["pos_embed"] == [1, 50, 96]
     assert "blocks.0.attn.q.weight" not in pf.tensors  # only the codes
     rows = size_table(h, pf.tensors)
     assert rows[-1]["group"] == "total" and rows[-1]["ratio"] > 5
+
+
+def test_blobs_and_compressed_codes(packed):
+    m, _, path = packed
+    raw = path.read_bytes()
+    index, _ = _split(raw)
+    assert sorted(k for k in index if k != "__metadata__") == ["codes", "f32"]
+    assert index["__metadata__"]["format"] == "vvtq-packed" and index["__metadata__"]["version"] == "2"
+    h = read_packed(path).header
+    codecs = {e["codec"] for e in h["packed"].values()}
+    assert codecs <= {"raw", "zlib"} and "zlib" in codecs  # 2-bit codes of a calibrated model compress
+    stored = sum(e["stored_bytes"] for e in h["packed"].values())
+    assert index["codes"]["data_offsets"][1] - index["codes"]["data_offsets"][0] == stored
+    assert stored < sum((e["numel"] * e["bits"] + 7) // 8 for e in h["packed"].values())
+
+
+def test_fp16_remainder_round_trip(tmp_path):
+    m, meta = _model()
+    path = tmp_path / "h.vvtq.safetensors"
+    write_packed(m, meta, path, fp_dtype=torch.float16)
+    pf = read_packed(path)
+    assert pf.header["fp_dtype"] == "float16" and pf.tensors["pos_embed"].dtype == torch.float16
+    assert torch.equal(pf.tensors["pos_embed"], m.pos_embed.detach().half())
+    assert pf.tensors["blocks.0.attn.q.weight_quant.scale"].dtype == torch.float32
+    assert sorted(k for k in _split(path.read_bytes())[0] if k != "__metadata__") == ["codes", "f16", "f32"]
 
 
 def test_export_is_deterministic(packed, tmp_path):
@@ -118,8 +149,15 @@ def test_bit_flips_anywhere_are_refused(packed, tmp_path):
 def test_wrong_version_and_format_are_refused(packed, tmp_path):
     raw = packed[2].read_bytes()
     bad = tmp_path / "v.vvtq.safetensors"
-    bad.write_bytes(_rewrite(raw, lambda h, i: h.update(version=2)))
-    with pytest.raises(ExportFormatError, match="version 2 is not supported"):
+    bad.write_bytes(_rewrite(raw, lambda h, i: h.update(version=3)))
+    with pytest.raises(ExportFormatError, match="version 3 is not supported"):
+        read_packed(bad)
+    index, data = _split(raw)  # a version-1 file: plain JSON under the old key
+    index["__metadata__"] = {"vvtq_export": json.dumps({**_header(raw), "version": 1})}
+    blob = json.dumps(index).encode()
+    blob += b" " * (-len(blob) % 8)
+    bad.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    with pytest.raises(ExportFormatError, match="version 1 is not supported.*export the checkpoint again"):
         read_packed(bad)
     bad.write_bytes(_rewrite(raw, lambda h, i: h.update(format="something-else")))
     with pytest.raises(ExportFormatError, match="format"):
@@ -145,14 +183,22 @@ def test_header_lying_about_sizes_is_refused_without_allocating(packed, tmp_path
         h["packed"][name].update(shape=[1 << 30, 1 << 20], numel=1 << 50)
         h["layers"]["blocks.0.attn.q"]["weight_shape"] = [1 << 30, 1 << 20]
 
-    def more_codes(h, i):  # consistent header, but the stored tensor is smaller than the declared codes need
+    def more_codes(h, i):  # consistent header, but the stored codes are fewer than the declared shape needs
         h["packed"][name].update(shape=[96, 192], numel=96 * 192)
         h["layers"]["blocks.0.attn.q"]["weight_shape"] = [96, 192]
 
-    def index_lies(h, i):  # the safetensors index claims a larger tensor than the bytes behind it
-        i[name]["shape"] = [10 ** 9]
+    def bomb(h, i):  # a stream claiming far more output than DEFLATE can make of its bytes
+        h["packed"][name].update(shape=[1 << 20, 1 << 10], numel=1 << 30)
+        h["layers"]["blocks.0.attn.q"]["weight_shape"] = [1 << 20, 1 << 10]
 
-    for edit, match in ((huge_codes, "declared element count"), (more_codes, "stored as"),
+    def stored_lies(h, i):  # the header's stored sizes no longer add up to the codes blob
+        h["packed"][name]["stored_bytes"] += 1 << 40
+
+    def index_lies(h, i):  # the safetensors index claims a larger blob than the bytes behind it
+        i["codes"]["shape"] = [10 ** 9]
+
+    for edit, match in ((huge_codes, "declared element count"), (more_codes, "do not decode to the 4608 bytes"),
+                        (bomb, "cannot decode"), (stored_lies, "blob 'codes' is stored as"),
                         (index_lies, "corrupt or truncated")):
         bad.write_bytes(_rewrite(raw, edit))
         with pytest.raises(ExportFormatError, match=match):

@@ -47,6 +47,19 @@ def test_fp_then_qat_from_it(tmp_path):
     assert _records(tmp_path / "q" / "metrics.jsonl", "epoch")[-1]["val_acc"] == pytest.approx(qat["final_acc"])
 
 
+def test_qat_keeps_the_fp_checkpoints_architecture(tmp_path):
+    """A QAT recipe without model options builds the architecture its FP checkpoint records (here: avg pooling)."""
+    train(TrainConfig.from_yaml(FP, TINY + ["max_steps=1", f"out={tmp_path / 'fp'}"]))
+    ckpt = tmp_path / "fp" / "last.safetensors"
+    train(TrainConfig.from_yaml(FP, TINY + QAT + ["model_kwargs={}", "max_steps=1", f"init_from={ckpt}",
+                                                  f"out={tmp_path / 'q'}"]))
+    model, meta = load_model(tmp_path / "q" / "last.safetensors")
+    assert meta["model_kwargs"]["global_pool"] == "avg" and model.cls_token is None
+    with pytest.raises(CheckpointError, match="holds model 'mini_deit', the recipe asks for 'mini_swin'"):
+        train(TrainConfig.from_yaml(FP, TINY + QAT + ["model=mini_swin", f"init_from={ckpt}",
+                                                      f"out={tmp_path / 's'}"]))
+
+
 def test_qat_refuses_quantized_init(tmp_path):
     train(TrainConfig.from_yaml(FP, TINY + QAT + ["max_steps=1", f"out={tmp_path / 'q'}"]))
     with pytest.raises(CheckpointError, match="quantized checkpoint"):

@@ -102,6 +102,14 @@ def load_teacher(spec: str, model_kwargs: dict[str, Any], device: torch.device) 
     return teacher.to(device).eval().requires_grad_(False)
 
 
+def _checkpoint_kwargs(path: str | Path, model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` on top of the model options recorded in checkpoint ``path``, which must hold ``model``."""
+    meta = read_meta(path)
+    if meta.get("model") != model:
+        raise CheckpointError(f"{path} holds model {meta.get('model')!r}, the recipe asks for {model!r}")
+    return {**meta.get("model_kwargs", {}), **kwargs}
+
+
 def _load_fp_weights(model: nn.Module, path: str) -> None:
     meta = read_meta(path)
     if meta.get("quant") is not None:
@@ -238,6 +246,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     train_set, val_set = _datasets(cfg)
     model_kwargs = {"num_classes": train_set.num_classes, "in_chans": train_set.in_chans, **cfg.model_kwargs}
+    arch_from = last_path if resume and last_path.is_file() else cfg.init_from
+    if arch_from:  # QAT keeps the FP checkpoint's architecture options (e.g. the pooling); the recipe's win
+        model_kwargs = _checkpoint_kwargs(arch_from, cfg.model, model_kwargs)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, model_kwargs, cfg.pretrained, cfg.drop_path)
     qcfg = cfg.quant_config()
