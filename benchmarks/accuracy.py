@@ -1,10 +1,11 @@
 """Accuracy study: FP vs the LSQ baseline vs VVTQ at W4A4 / W3A3 / W2A2 on Fashion-MNIST (mini DeiT, mini Swin),
 an ablation of the VVTQ components at W2A2 (mini DeiT), all at equal budgets of image-crops.
 
-    python benchmarks/accuracy.py --estimate-only                    # list the runs and the time estimate
-    nohup python benchmarks/accuracy.py --teacher-deit runs/mini_deit_fp/last.safetensors \\
-        > runs/accuracy.log 2>&1 &                                   # the full study, in the background
-    python benchmarks/accuracy.py                                    # rerun: resumes where it stopped
+    python benchmarks/accuracy.py --estimate-only --jobs 2           # list the runs and the time estimate
+    nohup python benchmarks/accuracy.py --jobs 2 > runs/accuracy.log 2>&1 &   # the full study, in the background:
+                                                                     # 2 one-thread workers, teachers first
+    python benchmarks/accuracy.py --jobs 2                           # rerun: resumes where it stopped
+    python benchmarks/accuracy.py --teacher-deit CKPT --teacher-swin CKPT     # start from given FP teachers
     python benchmarks/accuracy.py --report-only                      # rewrite the results from finished runs
     python benchmarks/accuracy.py --quick                            # smoke test: a few steps of every run
 

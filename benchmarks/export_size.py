@@ -149,16 +149,21 @@ def main() -> None:
                    help="accuracy-study folder: check its QAT-trained <model>_vvtq_w{2,4}a{2,4}_s0 runs instead "
                         "of calibrated-only models")
     p.add_argument("--jobs", type=int, default=1, help="agreement checks run at once, one thread each")
+    p.add_argument("--models", nargs="+", default=["mini_deit", "mini_swin"], choices=["mini_deit", "mini_swin"],
+                   help="agreement checks to (re)run; the others' results are kept from --out")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/export_size.py " + " ".join(sys.argv[1:])
+    old = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     result: dict = {"command": command.strip()}
+    if len(args.models) < 2:
+        result["command"] = f"{old.get('command', '')}; {command.strip()}".lstrip("; ")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         result["size"] = size_check(tmp)
         print(json.dumps({k: v for k, v in result["size"].items() if k.startswith("fp_") is False}), flush=True)
         checks = [(name, bits, args.limit, args.onnx_limit, tmp, args.checkpoints)
-                  for name in ("mini_deit", "mini_swin") for bits in (2, 4)]
+                  for name in args.models for bits in (2, 4)]
         if args.jobs > 1:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
@@ -167,6 +172,8 @@ def main() -> None:
                 result["agreement"] = list(pool.map(agreement, *zip(*checks, strict=True)))
         else:
             result["agreement"] = [agreement(*c) for c in checks]
+    kept = [a for a in old.get("agreement", []) if a["model"] not in args.models]
+    result["agreement"] = sorted(kept + result["agreement"], key=lambda a: (a["model"], a["bits"]))
     ag = result["agreement"]
     onnx = [a["onnx_vs_float32_fake_quant"] for a in ag if "onnx_vs_float32_fake_quant" in a]
     result["summary"] = {

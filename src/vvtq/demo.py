@@ -1,9 +1,9 @@
 """``vvtq demo``: quantize the shipped mini DeiT teacher to W2A2 with the vvtq recipe and compare with FP.
 
 Steps: (1) the FP teacher: the checkpoint shipped in ``vvtq/assets`` (or, with ``--from-scratch``, one trained
-now by ``configs/mini_deit_fp.yaml``); (2) its test accuracy; (3) W2A2 QAT from it with the ``vvtq`` preset,
-multi-crop distillation from the live teacher and the bin regularizer (``configs/demo_mini_deit_w2a2.yaml``);
-(4) a table of FP vs W2A2 test accuracy, model size and wall time.
+now by its recipe, ``configs/mini_deit_fp_cls.yaml``); (2) its test accuracy; (3) W2A2 QAT from it with the
+``vvtq`` preset, multi-crop distillation from the live teacher and the bin regularizer
+(``configs/demo_mini_deit_w2a2.yaml``); (4) a table of FP vs W2A2 test accuracy, model size and wall time.
 """
 from __future__ import annotations
 
@@ -56,10 +56,10 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     if from_scratch or not ASSET.is_file():
         if not from_scratch:
             print(f"no shipped teacher at {ASSET}; training one first (--from-scratch)")
-        print("== 1/3  training the FP teacher (configs/mini_deit_fp.yaml)")
+        print("== 1/3  training the FP teacher (configs/mini_deit_fp_cls.yaml)")
         sets = [f"out={out_dir / 'teacher'}", f"device={device}"] + (QUICK_TEACHER if quick else [])
         t = time.time()
-        train(TrainConfig.from_yaml(_recipe("mini_deit_fp.yaml"), sets))
+        train(TrainConfig.from_yaml(_recipe("mini_deit_fp_cls.yaml"), sets))
         teacher_path, teacher_time = out_dir / "teacher" / "last.safetensors", time.time() - t
     else:
         print(f"== 1/3  FP teacher: {teacher_path.name} (shipped; `vvtq demo --from-scratch` retrains it)")
