@@ -33,7 +33,7 @@ CONFIGS = ROOT / "configs"
 MODELS = ("mini_deit", "mini_swin")
 BITS = (4, 3, 2)
 RECIPES = {"lsq": "LSQ baseline", "vvtq": "VVTQ"}
-DEFAULT_BUDGET = 0.5  # crop-epochs per QAT run: 30k crops (x 24 runs) fits ~3 h on one free core
+DEFAULT_BUDGET = 0.5  # crop-epochs per QAT run: 30k crops; the 26 runs took 2h20m with --jobs 2 on 2 cores
 QUICK_BUDGET = 0.5  # of the 256-image subset: 4 steps of 32 crops
 WARMUP_CROP_EPOCHS = 0.05  # the lsq recipes' warmup (1 crop per image); KD runs get the same number of steps
 # nominal speeds on one free core of this machine (crops/s for training, images/s for evaluation); measured at
