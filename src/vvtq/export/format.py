@@ -36,7 +36,7 @@ decodes to exactly ``ceil(numel * bits / 8)`` bytes, never more (a stream may no
 1032:1 ratio, so memory stays bounded by the file's size); the payload sha256; positive finite scales. Any
 failure raises ``ExportFormatError`` (a ``ValueError``) with one clear line.
 
-Version 1 (PR #6's first cut: one safetensors entry per tensor, plain JSON) is refused with a request to
+Version 1 (the first cut of issue #6: one safetensors entry per tensor, plain JSON) is refused with a request to
 re-export; the 384 index entries and the plain JSON of DeiT-T cost 73 kB, 4% of its packed size.
 """
 from __future__ import annotations
@@ -325,6 +325,8 @@ def _inflate(path: str, name: str, data: bytes, size: int) -> bytes:
     if size > _MAX_DEFLATE_RATIO * len(data) + 64:
         raise _fail(path, f"packed tensor {name!r}: {len(data)} stored bytes cannot decode to the {size} bytes "
                     f"its shape needs")
+    if size == 0:  # zlib reads a max_length of 0 as "no limit"
+        raise _fail(path, f"packed tensor {name!r}: an empty tensor is stored raw, not compressed")
     d = zlib.decompressobj()
     try:
         out = d.decompress(data, size)
