@@ -14,7 +14,10 @@ def test_demo_quick(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
-    assert "FP32 teacher" in out and "W2A2 (vvtq)" in out and "MB" in out
+    assert "FP32 teacher" in out and "W2A2 (vvtq)" in out and "W2A2 packed" in out and "MB" in out
+    # the deployed model is the evaluated model: the runtime reproduces its logits exactly
+    assert "1000/1000 predictions agree (identical logits)" in out, out[-1500:]
     assert (tmp_path / "demo" / "w2a2" / "last.safetensors").is_file()
+    assert (tmp_path / "demo" / "w2a2" / "model.vvtq.safetensors").is_file()
     if ASSET.is_file():
         assert "shipped" in out

@@ -3,7 +3,8 @@
 Steps: (1) the FP teacher: the checkpoint shipped in ``vvtq/assets`` (or, with ``--from-scratch``, one trained
 now by its recipe, ``configs/mini_deit_fp_cls.yaml``); (2) its test accuracy; (3) W2A2 QAT from it with the
 ``vvtq`` preset, multi-crop distillation from the live teacher and the bin regularizer
-(``configs/demo_mini_deit_w2a2.yaml``); (4) a table of FP vs W2A2 test accuracy, model size and wall time.
+(``configs/demo_mini_deit_w2a2.yaml``); (4) the packed integer export of the W2A2 model, run by the integer
+runtime, and its agreement with the PyTorch model; (5) a table of FP vs W2A2 test accuracy, size and wall time.
 """
 from __future__ import annotations
 
@@ -41,6 +42,16 @@ def ship_teacher(src: str | Path, dst: str | Path = ASSET) -> Path:
     return Path(dst)
 
 
+@torch.no_grad()
+def _logits(fn, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of ``fn`` over a loader, on the CPU."""
+    out, labels = [], []
+    for x, y in loader:
+        out.append(fn(x).float())
+        labels.append(y)
+    return torch.cat(out), torch.cat(labels)
+
+
 def _recipe(name: str) -> Path:
     path = CONFIGS / name
     if not path.is_file():
@@ -56,13 +67,13 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     if from_scratch or not ASSET.is_file():
         if not from_scratch:
             print(f"no shipped teacher at {ASSET}; training one first (--from-scratch)")
-        print("== 1/3  training the FP teacher (configs/mini_deit_fp_cls.yaml)")
+        print("== 1/4  training the FP teacher (configs/mini_deit_fp_cls.yaml)")
         sets = [f"out={out_dir / 'teacher'}", f"device={device}"] + (QUICK_TEACHER if quick else [])
         t = time.time()
         train(TrainConfig.from_yaml(_recipe("mini_deit_fp_cls.yaml"), sets))
         teacher_path, teacher_time = out_dir / "teacher" / "last.safetensors", time.time() - t
     else:
-        print(f"== 1/3  FP teacher: {teacher_path.name} (shipped; `vvtq demo --from-scratch` retrains it)")
+        print(f"== 1/4  FP teacher: {teacher_path.name} (shipped; `vvtq demo --from-scratch` retrains it)")
 
     teacher, meta = load_model(teacher_path, "cpu")
     from .data import SubsetImageDataset, build_dataset
@@ -72,32 +83,52 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
         test = SubsetImageDataset(test, range(1000))
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    print(f"== 2/3  evaluating the FP teacher on {len(test)} test images")
+    print(f"== 2/4  evaluating the FP teacher on {len(test)} test images")
     fp_acc = evaluate(teacher.to(dev), eval_loader(test, meta["img_size"]), dev)["acc"]
 
-    print("== 3/3  W2A2 quantization-aware training: vvtq preset, 4-crop KD from the teacher, bin regularizer")
+    print("== 3/4  W2A2 quantization-aware training: vvtq preset, 4-crop KD from the teacher, bin regularizer")
     sets = [f"out={out_dir / 'w2a2'}", f"init_from={teacher_path}", f"teacher.checkpoint={teacher_path}",
             f"device={device}"] + (QUICK if quick else [])
     t = time.time()
     qat_cfg = TrainConfig.from_yaml(_recipe("demo_mini_deit_w2a2.yaml"), sets)
     result = train(qat_cfg)
     qat_time = time.time() - t
-    student, qmeta = load_model(out_dir / "w2a2" / "last.safetensors", dev)
-    q_acc = evaluate(student, eval_loader(test, meta["img_size"]), dev)["acc"]
+
+    print("== 4/4  packed integer export of the W2A2 model, run by the integer runtime (vvtq.export.runtime)")
+    from .export import write_packed
+    from .export.runtime import build_runtime, run_packed
+
+    student, qmeta = load_model(out_dir / "w2a2" / "last.safetensors", "cpu")
+    packed = out_dir / "w2a2" / "model.vvtq.safetensors"
+    write_packed(student, qmeta, packed)
+    runtime = build_runtime(packed)
+    loader = eval_loader(test, meta["img_size"])
+    y_model, labels = _logits(student, loader)  # eval mode, no grad: the model's integer-domain evaluation
+    y_rt, _ = _logits(lambda x: run_packed(runtime, x), loader)
+    q_acc = 100.0 * (y_model.argmax(1) == labels).float().mean().item()
+    rt_acc = 100.0 * (y_rt.argmax(1) == labels).float().mean().item()
+    agree = int((y_model.argmax(1) == y_rt.argmax(1)).sum())
 
     rows = [
         ("FP32 teacher", fp_acc, model_size_bytes(teacher), teacher_time),
         ("W2A2 (vvtq)", q_acc, model_size_bytes(student), qat_time),
+        ("W2A2 packed", rt_acc, packed.stat().st_size, None),
     ]
     print()
     print(f"{'model':<16}{'test top-1':>12}{'size':>12}{'train time':>14}")
     for name, acc, size, secs in rows:
-        when = "shipped" if secs is None else f"{secs / 60:.1f} min"
+        when = "shipped" if name.startswith("FP") and secs is None else (
+            "exported" if secs is None else f"{secs / 60:.1f} min")
         print(f"{name:<16}{acc:>11.2f}%{size / 1e6:>10.3f} MB{when:>14}")
+    same = "identical logits" if torch.equal(y_model, y_rt) else \
+        f"max logit difference {(y_model - y_rt).abs().max().item():.3g}"
+    print(f"\nInteger runtime vs PyTorch model: {agree}/{len(labels)} predictions agree ({same}). Sizes: FP32 and "
+          "W2A2 count parameters (weights at their bit-width); the packed row is the file on disk.")
     crops = result["step"] * qat_cfg.batch_size
     print(f"\nQAT budget: {crops} crops ({result['step']} steps). Test set: {len(test)} Fashion-MNIST images. "
           f"Total wall time {(time.time() - t0) / 60:.1f} min.")
     print(f"Checkpoints: {out_dir / 'w2a2' / 'last.safetensors'} (vvtq eval --checkpoint ...), metrics in "
-          f"{out_dir / 'w2a2' / 'metrics.jsonl'}")
+          f"{out_dir / 'w2a2' / 'metrics.jsonl'}; packed export {packed} (vvtq eval --packed ...)")
     return {"fp_acc": fp_acc, "w2a2_acc": q_acc, "fp_bytes": rows[0][2], "w2a2_bytes": rows[1][2],
+            "packed_acc": rt_acc, "packed_bytes": rows[2][2], "runtime_agreement": agree / len(labels),
             "qat_s": qat_time, "total_s": time.time() - t0}

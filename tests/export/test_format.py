@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import struct
 import zlib
 
@@ -232,8 +233,11 @@ def test_cli_export_and_eval(tmp_path, capsys):
     assert main(["export", str(ckpt), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "fc1" in text and "total" in text and "ratio" in text
-    assert main(["eval", "--packed", str(out), "--limit", "20"]) == 0
-    assert "top-1" in capsys.readouterr().out
+    assert main(["eval", "--packed", str(out), "--limit", "200"]) == 0
+    packed = re.search(r"top-1 ([0-9.]+)%", capsys.readouterr().out)
+    assert main(["eval", "--checkpoint", str(ckpt), "--limit", "200"]) == 0
+    model = re.search(r"top-1 ([0-9.]+)%", capsys.readouterr().out)
+    assert packed and model and packed.group(1) == model.group(1)  # deployed = evaluated
     out16 = tmp_path / "m16.vvtq.safetensors"
     assert main(["export", str(ckpt), "--out", str(out16), "--fp16"]) == 0
     assert read_packed(out16).header["fp_dtype"] == "float16"

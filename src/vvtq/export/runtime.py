@@ -5,29 +5,23 @@ layer and every attention block is then replaced by the runtime's own modules, f
 
 - activation codes, exactly as the training quantizer: ``c = clamp(round((x - beta) / s), Qn, Qp)`` (round half
   to even), per tensor / channel / head group;
-- a quantized linear (or the patch-embedding convolution), with input groups g of constant scale along the
-  contraction axis:
+- a quantized linear (or the patch-embedding convolution) accumulates integer products of the codes, then scales
+  (``vvtq.quant.intmath``; input groups g of constant scale along the contraction axis):
 
       y_o = s_w,out[o] * ( sum_g s_x[g] s_w,in[g] * A[o, g]  +  sum_g beta[g] s_w,in[g] * S[o, g] ) + b_o
       A[o, g] = sum_{i in g} c_x[i] * c_w[o, i]        (integer accumulation)
       S[o, g] = sum_{i in g} c_w[o, i]                 (integer column sums: the offset folded out)
 
-- attention: ``logits = scale * s_q[h] s_k[h] * (C_q @ C_k^T) + bias``; softmax in float; with the softmax-output
-  quantizer on, ``out = s_p[h] s_v[h] * (C_p @ C_v)``, else ``out = softmax @ (s_v C_v)`` (the fused
-  ``scaled_dot_product_attention`` path of training);
+- attention: ``logits = scale * s_q[h] s_k[h] * (C_q @ C_k^T) + bias``; softmax in float;
+  ``out = s_p[h] s_v[h] * (C_p @ C_v)`` (with the softmax-output quantizer off: ``softmax @ (s_v C_v)``);
 - LayerNorm, softmax, GELU, residual adds, pooling, position embeddings in float.
 
-Arithmetic: every tensor is float64. The integer accumulations are exact in float64, since every partial sum is
-an integer below ``K * 255 * 128 < 2^53`` (codes are at most 8 bits, K the contraction length), whatever the
-summation order; the scales are float32 values widened exactly. Groups of one element (per-input-channel
-activation scales, used by no preset) fall back to ``(s_x * c_x) @ c_w^T``.
-
-Exactness against training: the codes of a layer's input equal the training quantizer's codes whenever the
-layer input agrees, and the only disagreement between the runtime's and PyTorch's values is float rounding of
-the accumulations (~1e-16 relative in float64, ~1e-7 in float32). A code differs only when a value falls within
-that distance of a rounding tie. ``float64_reference(model)`` gives the fake-quantized PyTorch model evaluated
-in float64 (weight codes as training computes them in float32; activation codes in float64), against which the
-runtime agrees to ~1e-12; against the float32 model, rare code flips at near-ties give small logit differences.
+Arithmetic: float32 by default (``dtype``). The integer accumulations are exact: in float32 when every partial sum
+is provably below 2^24, else in float64 (below 2^53 for any 8-bit layer) and rounded once; see ``intmath``.
+The quantized model evaluates through the same ``intmath`` functions (``QuantLinear`` & co. in eval mode), so the
+runtime's float32 logits equal the model's bit for bit. ``float64_reference(model)`` is an independent check of
+the formulas: the ordinary fake-quant model (``x_hat @ W_hat^T``) in float64, which the runtime with
+``dtype=torch.float64`` matches to ~1e-12.
 """
 from __future__ import annotations
 
@@ -39,58 +33,17 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant.modules import attention_bias
+from ..quant.intmath import QT, QWeight, int_attention, int_conv2d, int_linear, quantize
+from ..quant.modules import attention_bias, set_integer_eval
 from .format import ExportFormatError, PackedFile, read_packed
 from .packing import code_range
 
-_MAX_GROUP_SPLIT = 16  # above this many scale groups along the contraction, use the (exact-ish) float form
 _CLASSIFIER_PATHS = ("head", "head_dist", "head.fc")
 
 
 # --------------------------------------------------------------------------- quantized tensors
-def _expand(p: Tensor, axis: int, groups: int, x: Tensor) -> Tensor:
-    """Per-group values ``p`` (G,) broadcastable to ``x``: group g covers a contiguous block along ``axis``."""
-    if groups == 1:
-        return p.reshape(())
-    ax = axis % x.ndim
-    width = x.shape[ax]
-    if width % groups:
-        raise ExportFormatError(f"{groups} scale groups do not divide axis {axis} of shape {tuple(x.shape)}")
-    shape = [1] * x.ndim
-    shape[ax] = width
-    return p.repeat_interleave(width // groups).view(shape)
-
-
-class QT:
-    """A quantized tensor ``scale * codes + offset``: integer-valued float64 codes and per-group scale/offset
-    (``(G,)``, groups along ``axis``)."""
-
-    def __init__(self, codes: Tensor, scale: Tensor, offset: Tensor | None, axis: int, groups: int):
-        self.codes, self.scale, self.offset, self.axis, self.groups = codes, scale, offset, axis, groups
-
-    def s(self) -> Tensor:
-        return _expand(self.scale, self.axis, self.groups, self.codes)
-
-    def b(self) -> Tensor | None:
-        return None if self.offset is None else _expand(self.offset, self.axis, self.groups, self.codes)
-
-    def value(self) -> Tensor:
-        out = self.codes * self.s()
-        b = self.b()
-        return out if b is None else out + b
-
-    def map(self, fn) -> QT:
-        """Apply a shape op (reshape/transpose) to the codes, keeping groups on a tracked axis (heads: axis 1)."""
-        return QT(fn(self.codes), self.scale, self.offset, self.axis, self.groups)
-
-
-def _value(x: Tensor | QT) -> Tensor:
-    return x.value() if isinstance(x, QT) else x
-
-
 class ActQuant(nn.Module):
     """An activation quantizer read from the file: ``x -> QT(clamp(round((x - beta)/s), Qn, Qp))``."""
 
@@ -107,10 +60,10 @@ class ActQuant(nn.Module):
     def forward(self, x: Tensor | QT) -> QT:
         if isinstance(x, QT):
             raise ExportFormatError("an activation is quantized twice; the file's quantizer layout is invalid")
-        s = _expand(self.scale, self.axis, self.groups, x)
-        v = x if self.offset is None else x - _expand(self.offset, self.axis, self.groups, x)
-        codes = torch.clamp(torch.round(v / s), self.qmin, self.qmax)
-        return QT(codes, self.scale, self.offset, self.axis % x.ndim, self.groups)
+        try:
+            return quantize(x, self.scale, self.offset, self.axis, self.groups, self.qmin, self.qmax)
+        except ValueError as exc:
+            raise ExportFormatError(str(exc)) from None
 
 
 class WeightScale(nn.Module):
@@ -145,6 +98,7 @@ class IntLinear(nn.Module):
             self.w_axis, self.w_groups = int(q["axis"]), int(q["num_groups"])
             if self.w_axis not in (0, 1) or shape[self.w_axis] % self.w_groups:
                 raise ExportFormatError(f"{pf.path}: unsupported weight grouping of {path!r}")
+            self.w_bound = max(-x for x in code_range(int(q["bits"]), True))
             self.register_buffer("weight_codes", pf.codes(path).to(torch.float64), persistent=False)
             self.weight = None
         else:
@@ -155,58 +109,20 @@ class IntLinear(nn.Module):
         else:
             self.bias = None
 
-    # the weight's scales split into an output-side (O,) and an input-side (G_w,) factor
-    def _w_scales(self) -> tuple[Tensor, Tensor]:
-        s = self.weight_quant.scale
-        one = torch.ones(1, dtype=s.dtype)
-        if self.w_groups == 1:
-            return s.reshape(1).expand(self.out_features), one
-        if self.w_axis == 0:
-            return s.repeat_interleave(self.out_features // self.w_groups), one
-        return torch.ones(self.out_features, dtype=s.dtype), s
-
-    def weight_value(self) -> Tensor:
+    def qweight(self) -> QWeight | Tensor:
+        """The weight as codes and scales (or the float weight of an unquantized layer)."""
         if self.weight_quant is None:
             return self.weight
-        s_out, s_in = self._w_scales()
-        w = self.weight_codes * s_out.view(-1, *[1] * (self.weight_codes.ndim - 1))
-        if s_in.numel() > 1:
-            w = w * s_in.repeat_interleave(self.weight_codes.shape[1] // s_in.numel()).view(
-                1, -1, *[1] * (self.weight_codes.ndim - 2))
-        return w
-
-    def _float(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight_value(), self.bias)
+        return QWeight(self.weight_codes, self.weight_quant.scale, self.w_axis, self.w_groups, self.w_bound)
 
     def forward(self, x: Tensor | QT) -> Tensor:
         if not isinstance(x, QT) and self.input_quant is not None:
             x = self.input_quant(x)
-        if not isinstance(x, QT) or self.weight_quant is None or (x.groups > 1 and x.axis != x.codes.ndim - 1):
-            return self._float(_value(x))
-        K = self.in_features
-        s_out, s_in = self._w_scales()
-        gx, gw = x.groups, s_in.numel()
-        G = gx * gw // math.gcd(gx, gw)
-        if G > _MAX_GROUP_SPLIT:  # per-channel input scales: no integer block left to accumulate
-            return self._float(_value(x))
-        sx = x.scale.repeat_interleave(G // gx)
-        sw = s_in.repeat_interleave(G // gw)
-        W = self.weight_codes
-        if G == 1:
-            y = (x.codes @ W.t()) * (sx * sw)
-        else:
-            acc = torch.einsum("...gk,ogk->...og", x.codes.unflatten(-1, (G, K // G)), W.view(-1, G, K // G))
-            y = (acc * (sx * sw)).sum(-1)
-        if x.offset is not None:
-            colsum = W.view(-1, G, K // G).sum(-1)  # S[o, g]
-            y = y + colsum @ (x.offset.repeat_interleave(G // gx) * sw)
-        y = y * s_out
-        return y if self.bias is None else y + self.bias
+        return int_linear(x, self.qweight(), self.bias)
 
 
 class IntConv2d(IntLinear):
-    """The patch-embedding convolution on integer codes: per input-channel group g,
-    ``y = s_w[o] * (sum_g s_x[g] conv(C_x[g], C_w[:, g]) + sum_g beta[g] S[o, g]) + b``."""
+    """The patch-embedding convolution on integer codes (``vvtq.quant.intmath.int_conv2d``)."""
 
     def __init__(self, pf: PackedFile, path: str):
         super().__init__(pf, path)
@@ -216,47 +132,10 @@ class IntConv2d(IntLinear):
         self.stride, self.padding = tuple(i["stride"]), tuple(i["padding"])
         self.dilation, self.groups = tuple(i["dilation"]), int(i["groups"])
 
-    def _conv(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
-
     def forward(self, x: Tensor | QT) -> Tensor:
         if not isinstance(x, QT) and self.input_quant is not None:
             x = self.input_quant(x)
-        plain = (not isinstance(x, QT) or self.weight_quant is None or self.groups != 1 or self.w_axis != 0
-                 or (x.groups > 1 and x.axis != 1) or x.groups > _MAX_GROUP_SPLIT
-                 or (x.offset is not None and any(self.padding)))
-        if plain:
-            return self._conv(_value(x), self.weight_value(), self.bias)
-        s_out, _ = self._w_scales()
-        W, G = self.weight_codes, x.groups
-        cw = W.shape[1] // G
-        y = 0.0
-        for g in range(G):
-            sl = slice(g * cw, (g + 1) * cw)
-            y = y + self._conv(x.codes[:, sl], W[:, sl]) * x.scale[g]
-            if x.offset is not None:
-                y = y + (W[:, sl].sum(dim=(1, 2, 3)) * x.offset[g]).view(1, -1, 1, 1)
-        y = y * s_out.view(1, -1, 1, 1)
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
-
-
-def qmatmul(a: Tensor | QT, b: Tensor | QT) -> Tensor:
-    """``a @ b`` for quantized operands whose groups lie off the contraction axes (heads, axis 1):
-    ``s_a s_b (C_a @ C_b) + s_a beta_b rowsum(C_a) + beta_a s_b colsum(C_b) + K beta_a beta_b``."""
-    if not (isinstance(a, QT) and isinstance(b, QT)):
-        return _value(a) @ _value(b)
-    if (a.groups > 1 and a.axis == a.codes.ndim - 1) or (b.groups > 1 and b.axis == b.codes.ndim - 2):
-        return a.value() @ b.value()  # groups along the contraction: no common scale to factor out
-    sa, sb = a.s(), b.s()
-    out = (a.codes @ b.codes) * (sa * sb)
-    ba, bb = a.b(), b.b()
-    if bb is not None:
-        out = out + sa * a.codes.sum(-1, keepdim=True) * bb
-    if ba is not None:
-        out = out + ba * sb * b.codes.sum(-2, keepdim=True)
-    if ba is not None and bb is not None:
-        out = out + a.codes.shape[-1] * ba * bb
-    return out
+        return int_conv2d(x, self.qweight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class IntAttention(nn.Module):
@@ -296,8 +175,8 @@ class IntAttention(nn.Module):
     def _heads(self, t: Tensor, B: int, N: int) -> Tensor:
         return t.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def _bias(self, N: int, B: int, mask: Tensor | None) -> Tensor | None:
-        return attention_bias(self.rel_pos, self.num_heads, N, B, mask, dtype=torch.float64)
+    def _bias(self, N: int, B: int, mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        return attention_bias(self.rel_pos, self.num_heads, N, B, mask, dtype=dtype)
 
     @staticmethod
     def _run(q: ActQuant | None, t: Tensor) -> Tensor | QT:
@@ -315,13 +194,8 @@ class IntAttention(nn.Module):
             q, k, v = self.qkv(xq).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = self._run(self.q_quant, q), self._run(self.k_quant, k), self._run(self.v_quant, v)
-        kt = k.map(lambda c: c.transpose(-2, -1)) if isinstance(k, QT) else k.transpose(-2, -1)
-        logits = qmatmul(q, kt) * self.scale
-        bias = self._bias(N, B, mask if mask is not None else attn_mask)
-        if bias is not None:
-            logits = logits + bias
-        p = logits.softmax(dim=-1)
-        out = qmatmul(self.attn_quant(p), v) if self.attn_quant is not None else p @ _value(v)
+        bias = self._bias(N, B, mask if mask is not None else attn_mask, x.dtype)
+        out = int_attention(q, k, v, self.scale, bias, self.attn_quant)
         out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
         return self.proj(out)
 
@@ -348,8 +222,11 @@ def _create(name: str, kwargs: dict[str, Any], path: str) -> nn.Module:
         raise ExportFormatError(f"{path}: cannot build architecture {name!r} ({exc})") from None
 
 
-def build_runtime(pf: PackedFile | str | Path) -> nn.Module:
-    """The integer inference model of a packed export (float64, eval mode). Input: normalised images."""
+def build_runtime(pf: PackedFile | str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The integer inference model of a packed export (eval mode; float arithmetic in ``dtype``, float32 or
+    float64). Input: normalised images."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the runtime computes in float32 or float64, not {dtype}")
     if not isinstance(pf, PackedFile):
         pf = read_packed(pf)
     name, kwargs = _check_arch(pf)
@@ -370,7 +247,7 @@ def build_runtime(pf: PackedFile | str | Path) -> nn.Module:
     if used != placed:
         raise ExportFormatError(f"{pf.path}: quantized layers in the file and the architecture differ: "
                                 f"{sorted(used ^ placed)[:4]}")
-    model = model.double().eval()
+    model = model.to(dtype).eval()
     state = {n: t for n, t in pf.tensors.items() if n not in packed}
     try:
         model.load_state_dict(state, strict=True)
@@ -414,13 +291,13 @@ def _replace(model: nn.Module, pf: PackedFile) -> None:
 
 @torch.no_grad()
 def run_packed(model: nn.Module, x: Tensor) -> Tensor:
-    """Logits (float64) of the runtime model for a batch of normalised images."""
-    return model(x.to(torch.float64))
+    """Logits of the runtime model (in its dtype) for a batch of normalised images."""
+    return model(x.to(next(model.parameters()).dtype))
 
 
 # --------------------------------------------------------------------------- evaluation
 def evaluate_packed(path: str | Path, data: str | None = None, data_root: str | None = None,
-                    split: str | None = None, limit: int | None = None, batch_size: int = 250) -> float:
+                    split: str | None = None, limit: int | None = None, batch_size: int = 500) -> float:
     """Top-1 accuracy (%) of a packed export run by the integer runtime (``vvtq eval --packed``)."""
     from torch.utils.data import DataLoader
 
@@ -465,11 +342,12 @@ def _fq64_act(self, x: Tensor) -> Tensor:
 
 
 def float64_reference(model: nn.Module) -> nn.Module:
-    """A float64 copy of a fake-quantized model: same quantizers and formulas, activation codes computed in
-    float64 (weights: the training codes). The comparison target for the runtime's exactness."""
+    """A float64 copy of a fake-quantized model on the plain fake-quant path (``x_hat @ W_hat^T``, not the integer
+    domain): same quantizers, activation codes computed in float64 (weights: the training codes). An independent
+    check of the runtime's integer formulas (``build_runtime(..., dtype=torch.float64)``)."""
     from ..quant import Quantizer
 
-    ref = copy.deepcopy(model).double().eval()
+    ref = set_integer_eval(copy.deepcopy(model).double().eval(), False)
     for m in ref.modules():
         if isinstance(m, Quantizer):
             m.forward = types.MethodType(_fq64_weight if m.is_weight else _fq64_act, m)

@@ -4,6 +4,11 @@ The layers only decide *where* quantizers sit (METHOD.md §3); the rounding live
 ``QuantAttention`` replaces timm's ``Attention`` (ViT/DeiT) and ``WindowAttention`` (Swin) with split or fused
 q/k/v projections and activation quantizers on the block input, q, k, v (per head), the softmax output
 (unsigned, per head) and attn@v (per head, as the input quantizer of the output projection).
+
+Training runs the fake-quantized tensors through ordinary float layers. Evaluation (eval mode, no autograd, no
+autocast) computes the same maths in the integer domain (``vvtq.quant.intmath``): matmuls on the codes, exact,
+then scaled. That is the export runtime's code, so the accuracy measured here is the deployed model's, bit for bit.
+``set_integer_eval(model, False)`` keeps evaluation on the fake-quant path.
 """
 from __future__ import annotations
 
@@ -11,11 +16,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .intmath import QT, int_attention, int_conv2d, int_linear
 from .quantizers import Quantizer
 
 
 def _run(quant: Quantizer | None, x: Tensor) -> Tensor:
     return x if quant is None else quant(x)
+
+
+def _codes(quant: Quantizer | None, x: Tensor | QT) -> Tensor | QT:
+    return x if quant is None or isinstance(x, QT) else quant.quantize(x)
+
+
+class _IntegerEval:
+    """Mixin: whether a layer evaluates in the integer domain now (see the module docstring)."""
+
+    integer_eval = True
+
+    def _integer_now(self, x: Tensor, *quants: Quantizer | None) -> bool:
+        if not self.integer_eval or self.training or torch.is_grad_enabled():
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        return all(q is None or (isinstance(q, Quantizer) and q.integer_ready()) for q in quants)
+
+
+def set_integer_eval(model: nn.Module, enabled: bool) -> nn.Module:
+    """Evaluate ``model``'s quantized layers in the integer domain (default) or on the fake-quant path."""
+    for m in model.modules():
+        if isinstance(m, _IntegerEval):
+            m.integer_eval = bool(enabled)
+    return model
 
 
 def attention_bias(rel_pos: nn.Module | None, num_heads: int, N: int, B: int, mask: Tensor | None,
@@ -36,8 +67,9 @@ def attention_bias(rel_pos: nn.Module | None, num_heads: int, N: int, B: int, ma
     return bias
 
 
-class QuantLinear(nn.Linear):
-    """``y = Q_in(x) @ Q_w(W)^T + b``. Shares the source layer's weight and bias parameters."""
+class QuantLinear(_IntegerEval, nn.Linear):
+    """``y = Q_in(x) @ Q_w(W)^T + b``. Shares the source layer's weight and bias parameters. Takes a ``QT`` (codes)
+    from an attention block in integer evaluation."""
 
     def __init__(self, linear: nn.Linear, weight_quant: Quantizer, input_quant: Quantizer | None = None):
         nn.Module.__init__(self)
@@ -47,11 +79,13 @@ class QuantLinear(nn.Linear):
         self.weight_quant = weight_quant
         self.input_quant = input_quant
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | QT) -> Tensor:
+        if isinstance(x, QT) or self._integer_now(x, self.input_quant, self.weight_quant):
+            return int_linear(_codes(self.input_quant, x), self.weight_quant.quantize_weight(self.weight), self.bias)
         return F.linear(_run(self.input_quant, x), self.weight_quant(self.weight), self.bias)
 
 
-class QuantConv2d(nn.Conv2d):
+class QuantConv2d(_IntegerEval, nn.Conv2d):
     """A ``Conv2d`` with quantized input and weight (the patch embedding). Shares the source's parameters."""
 
     def __init__(self, conv: nn.Conv2d, weight_quant: Quantizer, input_quant: Quantizer | None = None):
@@ -65,10 +99,13 @@ class QuantConv2d(nn.Conv2d):
         self.input_quant = input_quant
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.padding_mode == "zeros" and self._integer_now(x, self.input_quant, self.weight_quant):
+            return int_conv2d(_codes(self.input_quant, x), self.weight_quant.quantize_weight(self.weight), self.bias,
+                              self.stride, self.padding, self.dilation, self.groups)
         return self._conv_forward(_run(self.input_quant, x), self.weight_quant(self.weight), self.bias)
 
 
-class QuantAttention(nn.Module):
+class QuantAttention(_IntegerEval, nn.Module):
     """Multi-head self-attention with module-dependent quantization (VVTQ, Huang et al. 2023, §3.2).
 
     Built by ``vvtq.quant.convert`` from a timm attention module; ``q``/``k``/``v`` are separate
@@ -99,8 +136,7 @@ class QuantAttention(nn.Module):
         # that its parameter keeps a meaningful name); ``rel_pos._get_rel_pos_bias()`` gives [1, H, N, N].
         self.rel_pos = rel_pos
 
-    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        B, N, _ = x.shape
+    def _project(self, x: Tensor | QT, B: int, N: int) -> tuple[Tensor, Tensor, Tensor]:
         if self.split:
             return tuple(layer(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
                          for layer in (self.q, self.k, self.v))
@@ -115,11 +151,18 @@ class QuantAttention(nn.Module):
         if is_causal:
             raise NotImplementedError("vvtq's quantized attention does not support causal masks")
         B, N, _ = x.shape
+        bias = self._bias(N, B, mask if mask is not None else attn_mask)
+        if self._integer_now(x, self.input_quant, self.q_quant, self.k_quant, self.v_quant, self.attn_quant):
+            q, k, v = self._project(self.input_quant.quantize(x), B, N)
+            q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = self.q_quant.quantize(q), self.k_quant.quantize(k), self.v_quant.quantize(v)
+            x = int_attention(q, k, v, self.scale, bias, self.attn_quant.quantize)
+            x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+            return self.proj_drop(self.proj(x))
         x = self.input_quant(x)
-        q, k, v = self._project(x)
+        q, k, v = self._project(x, B, N)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
-        bias = self._bias(N, B, mask if mask is not None else attn_mask)
         if not self.attn_quant.enabled:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                                dropout_p=self.attn_drop.p if self.training else 0.0)

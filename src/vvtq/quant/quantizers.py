@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .fake_quant import int_range, lsq_fake_quant, quant_codes
+from .intmath import QT, QWeight, quantize
 
 VALID_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 GRANULARITIES = ("tensor", "channel", "head")
@@ -234,12 +235,7 @@ class Quantizer(nn.Module):
         """Integer codes ``clamp(round((x - beta)/s), Qn, Qp)`` (int32, no gradient)."""
         return quant_codes(x, self.expanded_scale(x), self.qmin, self.qmax, self.expanded_offset(x))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled:
-            return x
-        if self._observer is not None:
-            self._observer.update(self._rows(x))
-            return x
+    def _check_initialized(self) -> None:
         if not self._init_checked:
             if not bool(self.initialized):
                 raise QuantizerError(
@@ -247,8 +243,39 @@ class Quantizer(nn.Module):
                     "run vvtq.calibrate(model, batches) after quantize_model, or load a calibrated checkpoint"
                 )
             self._init_checked = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if self._observer is not None:
+            self._observer.update(self._rows(x))
+            return x
+        self._check_initialized()
         return lsq_fake_quant(x, self.expanded_scale(x), self.qmin, self.qmax, self.grad_scale(x),
                               self.expanded_offset(x))
+
+    # ---------------------------------------------------------------- integer domain (evaluation)
+    def integer_ready(self) -> bool:
+        """Whether layers may take this site's codes directly (``quantize`` / ``quantize_weight``) instead of
+        calling it: not while it calibrates, nor while a hook watches its forward (statistics collection)."""
+        return self._observer is None and not self._forward_hooks and not self._forward_pre_hooks
+
+    def quantize(self, x: Tensor) -> QT | Tensor:
+        """The activation as codes and scales (``vvtq.quant.intmath.QT``), no gradient; ``x`` itself when off."""
+        if not self.enabled:
+            return x
+        self._check_initialized()
+        offset = None if self.offset is None else self.offset.detach()
+        return quantize(x.detach(), self.scale.detach().clamp_min(_MIN_SCALE), offset, self.axis,
+                        self.num_groups, self.qmin, self.qmax)
+
+    def quantize_weight(self, w: Tensor) -> QWeight | Tensor:
+        """The weight as codes (exactly the training codes, ``codes``) and split scales; ``w`` itself when off."""
+        if not self.enabled:
+            return w
+        self._check_initialized()
+        return QWeight(self.codes(w).to(w.dtype), self.scale.detach().clamp_min(_MIN_SCALE), self.axis,
+                       self.num_groups, max(-self.qmin, self.qmax))
 
     # ---------------------------------------------------------------- initialisation
     @torch.no_grad()
