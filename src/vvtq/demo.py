@@ -110,15 +110,14 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     agree = int((y_model.argmax(1) == y_rt.argmax(1)).sum())
 
     rows = [
-        ("FP32 teacher", fp_acc, model_size_bytes(teacher), teacher_time),
-        ("W2A2 (vvtq)", q_acc, model_size_bytes(student), qat_time),
-        ("W2A2 packed", rt_acc, packed.stat().st_size, None),
+        ("FP32 teacher", fp_acc, model_size_bytes(teacher),
+         "shipped" if teacher_time is None else f"{teacher_time / 60:.1f} min"),
+        ("W2A2 (vvtq)", q_acc, model_size_bytes(student), f"{qat_time / 60:.1f} min"),
+        ("W2A2 packed", rt_acc, packed.stat().st_size, "exported"),
     ]
     print()
     print(f"{'model':<16}{'test top-1':>12}{'size':>12}{'train time':>14}")
-    for name, acc, size, secs in rows:
-        when = "shipped" if name.startswith("FP") and secs is None else (
-            "exported" if secs is None else f"{secs / 60:.1f} min")
+    for name, acc, size, when in rows:
         print(f"{name:<16}{acc:>11.2f}%{size / 1e6:>10.3f} MB{when:>14}")
     same = "identical logits" if torch.equal(y_model, y_rt) else \
         f"max logit difference {(y_model - y_rt).abs().max().item():.3g}"
