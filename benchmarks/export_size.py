@@ -181,8 +181,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in result["size"].items() if k.startswith("fp_") is False}), flush=True)
         checks = [(name, bits, args.limit, args.onnx_limit, tmp, args.checkpoints)
                   for name in args.models for bits in (2, 4)]
-        # one fresh process per check: two workers that each ran several checks grew to 13 and 11 GB and were
-        # killed for memory here (24 GiB)
+        # one fresh process per check, so that each check's memory goes back to the system when it ends
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 

@@ -2,7 +2,12 @@
 with the same predictions as the fake-quantized PyTorch model."""
 from __future__ import annotations
 
+import gc
+import weakref
+
+import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import timm
 import torch
@@ -58,3 +63,26 @@ def test_graph_is_qdq_with_narrow_ranges(exported):
     assert 1 in axes  # per-output-channel weight scales ([in, out] storage, axis 1)
     # per-channel weight DQ scales have one entry per output channel of the layer
     assert any(a.ndim == 1 and a.size == 384 and a.dtype.name == "float32" for a in inits.values())
+
+
+def test_onnx_outputs_do_not_hold_onnxruntime_buffers(exported, monkeypatch):
+    """onnxruntime returns arrays that view its session's memory (a capsule base); a tensor that kept such a view
+    alive kept ~0.7 GB per call for the mini Swin. ``run_onnx`` must hand back memory of its own."""
+    buffers = []
+
+    class Tracked(onnxruntime.InferenceSession):
+        def run(self, *args, **kwargs):
+            out = super().run(*args, **kwargs)
+            owner = np.array(out[0]).view(_Buffer)  # stands in for onnxruntime's buffer
+            buffers.append(weakref.ref(owner))
+            return [owner[...]]  # a view, as onnxruntime returns
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Tracked)
+    outputs = [run_onnx(exported[1], _images("test", 4)) for _ in range(2)]
+    gc.collect()
+    assert len(buffers) == 2 and all(r() is None for r in buffers), "an output still views onnxruntime's memory"
+    assert all(o.shape == (4, 10) for o in outputs)
+
+
+class _Buffer(np.ndarray):
+    pass

@@ -231,4 +231,6 @@ def run_onnx(path: str | Path, x: Tensor) -> Tensor:
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    return torch.from_numpy(sess.run(None, {name: x.float().numpy()})[0])
+    out = sess.run(None, {name: x.float().numpy()})[0]
+    # copy: onnxruntime's array keeps the whole session (its memory arena, ~0.7 GB for the mini Swin) alive
+    return torch.tensor(out)
