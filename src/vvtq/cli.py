@@ -29,6 +29,16 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _leave_process_group() -> None:
+    """After a torchrun job: wait for every rank, then shut the process group down before the interpreter exits
+    (leaving it to exit-time destructors can abort a rank whose peer is still writing its checkpoint)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
@@ -43,6 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_progress:
         cfg.progress = False
     result = train(cfg, resume=args.resume)
+    _leave_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {result['step']} steps, final val acc {result['final_acc']:.2f}%, best "
               f"{result['best_acc']:.2f}%, {result['wall_s'] / 60:.1f} min; checkpoint {cfg.out}/last.safetensors")
