@@ -177,7 +177,8 @@ def int_conv2d(x: Tensor | QT, w: Tensor | QWeight, bias: Tensor | None, stride,
         sl = slice(g * cw, (g + 1) * cw)
         y = y + exact(conv, bound, x.codes[:, sl], w.codes[:, sl]) * x.scale[g]
         if x.offset is not None:
-            y = y + (w.codes[:, sl].sum(dim=(1, 2, 3)) * x.offset[g]).view(1, -1, 1, 1)
+            colsum = exact(lambda c: c.sum(dim=(1, 2, 3)), bound // x.bound, w.codes[:, sl])  # S[o, g]
+            y = y + (colsum * x.offset[g]).view(1, -1, 1, 1)
     y = y * w.s_out.view(1, -1, 1, 1)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
