@@ -20,6 +20,15 @@ def test_train_help_is_useful(capsys):
     text = capsys.readouterr().out
     for word in ("--config", "--resume", "--set", "torchrun", "quant.", "teacher."):
         assert word in text
+    from dataclasses import fields
+
+    from vvtq.train import TrainConfig
+
+    flat = " ".join(text.split())
+    for f in fields(TrainConfig):  # the settings list is made from the config, so none is missing
+        assert f" {f.name}" in flat or f"{f.name}." in flat, f.name
+    for key in ("regularizer.{lambda_max", "units}", "freeze_threshold", "gelu_signed", "hard_weight"):
+        assert key in flat
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -27,6 +36,7 @@ def test_train_help_is_useful(capsys):
     (["train", "--config", FP, "--set", "quant.wbits=5.5"], "got 5.5"),
     (["train", "--config", FP, "--set", "quant.wbits=9"], "wbits must be an integer in 2..8"),
     (["train", "--config", FP, "--set", "nonsense=1"], "unknown setting 'nonsense'"),
+    (["train", "--config", FP, "--set", "regularizer={lambda_mx: 0.1}"], "unknown key(s) in regularizer: lambda_mx"),
     (["train", "--config", FP, "--set", "data_root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
     (["eval", "--checkpoint", "/nonexistent.safetensors"], "checkpoint not found"),
 ])

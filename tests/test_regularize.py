@@ -238,3 +238,20 @@ def test_model_regularizer_accepts_module():
         pytest.skip("vvtq.quant.iter_weight_quantizers not available yet")
     model = nn.Sequential(nn.Linear(4, 4))
     assert float(bin_regularizer_loss(model)) == 0.0  # no quantizers → 0
+
+
+def test_step_units_are_weight_units_divided_by_the_step():
+    """``units="step"``: R of ``w / s`` with a unit step, so the gradient reaches the weights only."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], dtype=torch.float64).view(6, 1).requires_grad_(True)
+    for bins in ("tensor", "group"):
+        r = bin_regularizer(w, s, -2, 1, bins=bins, weighting="size", units="step")
+        ref = bin_regularizer((w / s).detach().requires_grad_(True), torch.ones_like(s), -2, 1, bins=bins,
+                              weighting="size")
+        assert torch.allclose(r, ref)
+        gw, gs = torch.autograd.grad(r, (w, s), allow_unused=True)
+        assert gs is None or torch.count_nonzero(gs) == 0
+        assert torch.count_nonzero(gw) > 0
+    with pytest.raises(ValueError, match="units"):
+        bin_regularizer(w, s, -2, 1, units="bits")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Callable
 
 import torch
@@ -18,10 +19,8 @@ EPILOG_TRAIN = """examples:
   vvtq train --config configs/mini_deit_w2a2_vvtq.yaml --set epochs=2 --set quant.wbits=3
   torchrun --nproc_per_node 2 -m vvtq train --config ...              # data-parallel (gloo on CPU)
   vvtq train --config ... --resume                                    # continue from OUT/last.safetensors
-settings (--set KEY=VALUE, values parsed as YAML): model, data, data_root, img_size, epochs, batch_size
-(crops per global batch), num_crops, lr, min_lr, warmup_epochs, weight_decay, label_smoothing, clip_grad, seed,
-quant.{preset,wbits,abits,overrides_file,...}, init_from, teacher.{source,checkpoint,softlabels,hard_weight},
-regularizer.{lambda_max,start_frac}, oscillation.{every,threshold,freeze_threshold}, out, device."""
+settings (--set KEY=VALUE, values parsed as YAML; a.b=v sets one key of a mapping):
+{settings}"""
 
 
 def _threads(n: int | None) -> None:
@@ -61,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import build_dataset
+    from .data.splits import eval_split
     from .train.loop import eval_loader, evaluate, load_model, resolve_device
 
     device = resolve_device(args.device)
@@ -77,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = args.data or meta["train_config"]["data"]
     root = args.data_root or meta["train_config"].get("data_root")
     split = args.split or meta["train_config"].get("val_split", "test")
-    base = build_dataset(data, split, root)
+    base = eval_split(data, split, root, meta["train_config"].get("holdout", 0))
     if args.limit:
         from .data import SubsetImageDataset
 
@@ -140,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a recipe (FP teacher or QAT)", epilog=EPILOG_TRAIN,
+    from .train.config import settings_help
+
+    t = sub.add_parser("train", help="train a recipe (FP teacher or QAT)",
+                       epilog=EPILOG_TRAIN.format(settings=textwrap.fill(settings_help(), 118, break_long_words=False)),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", required=True, help="recipe YAML file (see configs/)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe setting (repeatable)")

@@ -40,6 +40,7 @@ __all__ = [
 Variance = Literal["unbiased", "population"]
 Weighting = Literal["none", "size"]
 Bins = Literal["tensor", "group"]
+Units = Literal["weight", "step"]
 
 
 def bin_regularizer(
@@ -51,6 +52,7 @@ def bin_regularizer(
     weighting: Weighting = "none",
     bins: Bins = "tensor",
     offset: Tensor | None = None,
+    units: Units = "weight",
 ) -> Tensor:
     """Bin regularizer ``R = mean((w_c - sg(w_hat))^2) + sum_j c_j * Var_j`` for one weight tensor.
 
@@ -71,6 +73,10 @@ def bin_regularizer(
             (scale position, code), i.e. per channel for a per-channel scale (and per row for a head-wise
             scale expanded row by row).
         offset: optional offset ``beta`` broadcastable to ``w``; everything is then computed on ``w - beta``.
+        units: ``"weight"`` (default, as published): ``R`` in the units of ``w`` squared, so a layer with small
+            steps is barely pulled; ``"step"``: ``R`` computed on ``w / sg(s)`` (in steps), so every weight is
+            pulled by the same measure of how far it sits from its level, whatever its layer's step size. No
+            gradient then reaches ``s``.
 
     Returns:
         A scalar tensor (float32, or float64 for float64 input), differentiable w.r.t. ``w`` and ``scale``.
@@ -86,43 +92,72 @@ def bin_regularizer(
         raise ValueError(f"weighting must be 'none' or 'size', got {weighting!r}")
     if bins not in ("tensor", "group"):
         raise ValueError(f"bins must be 'tensor' or 'group', got {bins!r}")
+    if units not in ("weight", "step"):
+        raise ValueError(f"units must be 'weight' or 'step', got {units!r}")
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     x = w.to(dtype)
     if offset is not None:
         x = x - offset.to(dtype)
     s = torch.as_tensor(scale, device=w.device).to(dtype)
+    if units == "step":  # in steps: x / s with s fixed; the groups (for bins="group") keep their shape
+        x = x / s.detach()
+        s = torch.ones_like(s)
     if x.numel() == 0:
         return x.sum() + 0.0 * s.sum()
 
-    v = x.detach() / s.detach()
-    code = torch.clamp(torch.round(v.detach()), qmin, qmax)
-    lo, hi = s * qmin, s * qmax
-    # clamp(x, s*Qn, s*Qp) with gradient 1 to x inside the range and Qn / Qp to s outside it
-    x_c = torch.where(v < qmin, lo, torch.where(v > qmax, hi, x))
-    x_c = x_c.expand_as(x)
-    w_hat = (s * code).detach()
-    dampen = (x_c - w_hat).pow(2).mean()
+    return _BinRegularizerFn.apply(x, s, qmin, qmax, variance, weighting, bins)
 
-    nbins = qmax - qmin + 1
-    idx = (code - qmin).to(torch.int64).expand_as(x)
-    if bins == "group" and s.ndim > 0 and s.numel() > 1:
-        group = torch.arange(s.numel(), device=w.device).reshape(s.shape).expand_as(x)
-        idx = group * nbins + idx
-        nbins = nbins * s.numel()
-    idx = idx.reshape(-1)
-    flat = x_c.reshape(-1)
 
-    counts = torch.bincount(idx, minlength=nbins).to(dtype)
-    sums = torch.zeros(nbins, dtype=dtype, device=w.device).index_add(0, idx, flat)
-    means = sums / counts.clamp_min(1.0)
-    dev2 = (flat - means.index_select(0, idx)).pow(2)
-    ss = torch.zeros(nbins, dtype=dtype, device=w.device).index_add(0, idx, dev2)
+class _BinRegularizerFn(torch.autograd.Function):
+    """``R`` in one forward pass, with its analytic gradient (no autograd graph over the scatter/gather ops).
 
-    denom = counts - 1.0 if variance == "unbiased" else counts
-    coef = torch.where(counts > 1, 1.0 / denom.clamp_min(1.0), torch.zeros_like(counts))
-    if weighting == "size":
-        coef = coef * counts / float(flat.numel())
-    return dampen + (coef * ss).sum()
+    With ``d_i = w_c,i - w_hat_i`` and ``dev_i = w_c,i - mean_j(i)`` (``j(i)``: the bin of weight i):
+
+        dR/dw_c,i = 2 d_i / N + 2 c_j(i) dev_i        (d mean_j / d w_c adds nothing: sum_i in j dev_i = 0)
+        dR/dw_i   = dR/dw_c,i inside [s Qn, s Qp], else 0
+        dR/ds     = sum over the clipped weights of (Qn or Qp) * dR/dw_c,i   (w_hat is a constant, as published)
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, qmin: int, qmax: int, variance: str, weighting: str, bins: str):
+        v = x / s
+        code = torch.clamp(torch.round(v), qmin, qmax)
+        # where clipped, w_c = s * (Qn or Qp): ``edge`` holds that factor (0 inside the range)
+        edge = torch.where(v < qmin, float(qmin), torch.where(v > qmax, float(qmax), 0.0)).to(x.dtype)
+        inside = edge == 0
+        x_c = torch.where(inside, x, s * edge)
+        n = x_c.numel()
+        d = x_c - s * code
+        nbins = qmax - qmin + 1
+        idx = (code - qmin).to(torch.int64)
+        if bins == "group" and s.ndim > 0 and s.numel() > 1:
+            group = torch.arange(s.numel(), device=x.device).reshape(s.shape)
+            idx = group * nbins + idx
+            nbins = nbins * s.numel()
+        idx = idx.expand_as(x).reshape(-1)
+        flat = x_c.reshape(-1)
+        counts = torch.bincount(idx, minlength=nbins).to(x.dtype)
+        means = torch.zeros(nbins, dtype=x.dtype, device=x.device).index_add_(0, idx, flat) / counts.clamp_min(1.0)
+        dev = flat - means.index_select(0, idx)  # centred two-pass form: as accurate as a loop over bins
+        ss = torch.zeros(nbins, dtype=x.dtype, device=x.device).index_add_(0, idx, dev * dev)
+        denom = counts - 1.0 if variance == "unbiased" else counts
+        coef = torch.where(counts > 1, 1.0 / denom.clamp_min(1.0), torch.zeros_like(counts))
+        if weighting == "size":
+            coef = coef * counts / float(n)
+        r = (d * d).sum() / n + (coef * ss).sum()
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            g = (2.0 / n) * d.reshape(-1) + 2.0 * coef.index_select(0, idx) * dev
+            ctx.save_for_backward(g.view(x_c.shape), edge, inside)
+            ctx.s_shape = s.shape
+        return r
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        g, edge, inside = ctx.saved_tensors
+        g = g * grad
+        gx = torch.where(inside, g, 0.0) if ctx.needs_input_grad[0] else None
+        gs = (g * edge).sum_to_size(ctx.s_shape) if ctx.needs_input_grad[1] else None
+        return gx, gs, None, None, None, None, None
 
 
 Pairs = Iterable[tuple[nn.Module, Any]]
@@ -142,6 +177,7 @@ def bin_regularizer_loss(
     weighting: Weighting = "none",
     bins: Bins = "tensor",
     skip_bits_ge: int | None = 8,
+    units: Units = "weight",
 ) -> Tensor:
     """``sum_layers R`` (see :func:`bin_regularizer`) over the model's quantized weights.
 
@@ -161,7 +197,7 @@ def bin_regularizer_loss(
         off_fn = getattr(q, "expanded_offset", None)
         offset = off_fn(w) if off_fn is not None else None
         r = bin_regularizer(w, q.expanded_scale(w), q.qmin, q.qmax, variance=variance, weighting=weighting,
-                            bins=bins, offset=offset)
+                            bins=bins, offset=offset, units=units)
         total = r if total is None else total + r
     if total is None:
         return torch.zeros(())
@@ -203,7 +239,16 @@ class ModelBinRegularizer:
         weighting: Weighting = "none",
         bins: Bins = "tensor",
         skip_bits_ge: int | None = 8,
+        units: Units = "weight",
     ) -> None:
+        for name, value, allowed in (("variance", variance, ("unbiased", "population")),
+                                     ("weighting", weighting, ("none", "size")), ("bins", bins, ("tensor", "group")),
+                                     ("units", units, ("weight", "step"))):
+            if value not in allowed:
+                raise ValueError(f"regularizer {name} must be one of {allowed}; got {value!r}")
+        if lambda_max < 0 or not 0.0 <= start_frac <= 1.0:
+            raise ValueError(f"regularizer needs lambda_max >= 0 and start_frac in [0, 1]; got {lambda_max}, "
+                             f"{start_frac}")
         self.pairs = list(_weight_pairs(model_or_pairs))
         self.total_steps = total_steps
         self.lambda_max = lambda_max
@@ -212,6 +257,7 @@ class ModelBinRegularizer:
         self.weighting: Weighting = weighting
         self.bins: Bins = bins
         self.skip_bits_ge = skip_bits_ge
+        self.units: Units = units
         self.last_lambda = 0.0
         self.last_value: Tensor | None = None
 
@@ -226,7 +272,8 @@ class ModelBinRegularizer:
             self.last_value = None
             device = self.pairs[0][0].weight.device if self.pairs else None
             return torch.zeros((), device=device)
-        r = bin_regularizer_loss(self.pairs, self.variance, self.weighting, self.bins, self.skip_bits_ge)
+        r = bin_regularizer_loss(self.pairs, self.variance, self.weighting, self.bins, self.skip_bits_ge,
+                                 self.units)
         self.last_value = r.detach()  # converted in metrics(), so no device sync here
         return lam * r
 

@@ -130,13 +130,16 @@ def test_fractions_overall_weighted_by_numel():
     fr = tr.fractions()
     assert fr["a"] == 0.5 and fr["b"] == 0.25
     assert fr["overall"] == pytest.approx(5 / 16)
+    assert fr["lowbit"] == fr["overall"]  # both layers are 4-bit
     m = tr.metrics()
     assert m["osc/overall"] == pytest.approx(5 / 16) and m["osc/a"] == 0.5 and "osc/frozen" not in m
+    qb.bits = 8  # an 8-bit end: counted overall, not among the low-bit weights
+    assert tr.fractions()["lowbit"] == 0.5 and tr.fractions()["overall"] == pytest.approx(5 / 16)
 
 
 def test_no_state_before_first_step():
     lin, q, tr = make()
-    assert tr.fractions() == {"overall": 0.0}
+    assert tr.fractions() == {"overall": 0.0, "lowbit": 0.0}
 
 
 def test_freezing_holds_weights_under_adamw():

@@ -31,7 +31,7 @@ def test_thirty_two_bits_is_accepted():
 
 def test_presets_differ_as_documented():
     lsq, vvtq = QuantConfig.preset("lsq", wbits=2), QuantConfig.preset("vvtq", wbits=3, abits=4)
-    assert (lsq.wbits, lsq.abits, lsq.split_qkv, lsq.gelu_offset) == (2, 2, False, False)
+    assert (lsq.wbits, lsq.abits, lsq.split_qkv, lsq.gelu_offset, lsq.gelu_signed) == (2, 2, False, False, False)
     assert set(lsq.weight_granularity.values()) == {"tensor"} and set(lsq.act_granularity.values()) == {"tensor"}
     assert (vvtq.wbits, vvtq.abits, vvtq.split_qkv, vvtq.gelu_offset) == (3, 4, True, True)
     assert vvtq.act_granularity["attn_prob"] == "head" and vvtq.weight_granularity["q"] == "channel"
@@ -39,6 +39,32 @@ def test_presets_differ_as_documented():
         QuantConfig.preset("fancy")
     with pytest.raises(QuantizerError, match="no field 'wbit'"):
         QuantConfig.preset("vvtq", wbit=4)
+
+
+def test_gelu_output_sign_and_old_configs():
+    """The LSQ baseline quantizes the GELU output unsigned (LSQ's rule for a non-negative activation); configs
+    recorded before ``gelu_signed`` existed had it signed without an offset and are rebuilt that way."""
+    from timm.layers import Mlp
+
+    from vvtq.quant import quantize_model
+    from vvtq.train import build_model
+
+    def fc2_signed(cfg):
+        model = quantize_model(build_model("mini_deit", {"num_classes": 10, "in_chans": 1}), cfg)
+        mlp = next(m for m in model.modules() if isinstance(m, Mlp))
+        return mlp.fc2.input_quant.signed, mlp.fc2.input_quant.offset is not None
+
+    assert fc2_signed(QuantConfig.preset("lsq", wbits=2)) == (False, False)
+    assert fc2_signed(QuantConfig.preset("vvtq", wbits=2)) == (False, True)
+    assert fc2_signed(QuantConfig.preset("lsq", wbits=2, gelu_signed=True)) == (True, False)
+    old = QuantConfig.preset("lsq", wbits=2).to_dict()
+    del old["gelu_signed"]
+    assert QuantConfig.from_dict(old).gelu_signed is True
+    old_vvtq = QuantConfig.preset("vvtq", wbits=2).to_dict()
+    del old_vvtq["gelu_signed"]
+    assert QuantConfig.from_dict(old_vvtq).gelu_signed is False
+    with pytest.raises(QuantizerError, match="exclude each other"):
+        QuantConfig.preset("vvtq", gelu_signed=True)
 
 
 def test_bits_for_overrides_and_edges():

@@ -164,3 +164,52 @@ def test_qat_from_precomputed_soft_labels(tmp_path):
     assert all(r["loss"] > 0 for r in _records(tmp_path / "q" / "metrics.jsonl", "step"))
     with pytest.raises(ValueError, match="(?i)image|fingerprint|dataset"):
         train(TrainConfig.from_yaml(FP, sets + ["train_subset=128", f"out={tmp_path / 'q2'}"]))
+
+
+def test_quantizer_parameters_get_their_own_lr():
+    from vvtq.quant import QuantConfig, iter_quantizers, quantize_model
+    from vvtq.train import build_model
+    from vvtq.train.loop import param_groups
+
+    model = quantize_model(build_model("mini_deit", {"num_classes": 10, "in_chans": 1}),
+                           QuantConfig.preset("vvtq", wbits=2))
+    groups = param_groups(model, 0.05, quant_lr_scale=0.1)
+    quant_ids = {id(p) for q in iter_quantizers(model) for p in q.parameters() if p.requires_grad}
+    assert {id(p) for p in groups[2]["params"]} == quant_ids and groups[2]["lr_mult"] == 0.1
+    assert groups[2]["weight_decay"] == 0.0
+    everything = [id(p) for g in groups for p in g["params"]]
+    assert sorted(everything) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+
+
+def test_ensemble_teacher_averages_probabilities_at_each_input_size(tmp_path):
+    from vvtq.train.loop import load_teacher
+
+    train(TrainConfig.from_yaml(FP, TINY + ["max_steps=1", f"out={tmp_path / 'd'}"]))
+    train(TrainConfig.from_yaml(ROOT / "configs" / "mini_swin_fp.yaml", TINY + ["max_steps=1",
+                                                                               f"out={tmp_path / 's'}"]))
+    deit, swin = str(tmp_path / "d" / "last.safetensors"), str(tmp_path / "s" / "last.safetensors")
+    single, both = load_teacher(deit, {}, torch.device("cpu")), load_teacher([deit, swin], {}, torch.device("cpu"))
+    x = torch.randn(3, 1, 28, 28)
+    p = single(x)
+    assert torch.allclose(p.sum(-1), torch.ones(3)) and not any(t.requires_grad for t in both.parameters())
+    d_model, s_model = load_model(deit)[0], load_model(swin)[0]
+    x32 = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    want = (d_model(x).softmax(-1) + s_model(x32).softmax(-1)) / 2
+    assert torch.allclose(both(x), want, atol=1e-6)
+    with pytest.raises(CheckpointError, match="empty list"):
+        load_teacher([], {}, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("regularizer={lambda_mx: 0.1}", "unknown key.*in regularizer: lambda_mx"),
+    ("regularizer={units: bits}", "units must be one of"),
+    ("oscillation={freeze: 0.1}", "unknown key.*in oscillation: freeze"),
+    ("teacher={source: none, hard: 1}", "unknown key.*in teacher: hard"),
+    ("teacher={source: none, hard_weight: 2}", r"hard_weight must be in \[0, 1\]"),
+    ("quant_lr_scale=0", "quant_lr_scale must be positive"),
+])
+def test_typos_in_sub_mappings_fail_before_any_data_is_read(override, message):
+    from vvtq.train import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_yaml(ROOT / "configs" / "mini_deit_w2a2_vvtq.yaml", [override])

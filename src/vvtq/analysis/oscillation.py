@@ -181,9 +181,10 @@ class OscillationTracker:
 
     # ------------------------------------------------------------------ reporting
     def fractions(self) -> dict[str, float]:
-        """Fraction of oscillating weights (frequency > threshold) per layer, and ``"overall"`` (by numel)."""
+        """Fraction of oscillating weights (frequency > threshold) per layer, ``"overall"`` (by numel) and
+        ``"lowbit"``: over the layers below 8 bits only (the 8-bit ends oscillate little and would dilute it)."""
         out: dict[str, float] = {}
-        count, total = 0, 0
+        count, total, low_count, low_total = 0, 0, 0, 0
         for name, st in self.layers.items():
             if st.freq is None:
                 continue
@@ -191,7 +192,10 @@ class OscillationTracker:
             out[name] = n / max(st.numel, 1)
             count += n
             total += st.numel
+            if int(getattr(st.quantizer, "bits", 0)) < 8:
+                low_count, low_total = low_count + n, low_total + st.numel
         out["overall"] = count / total if total else 0.0
+        out["lowbit"] = low_count / low_total if low_total else 0.0
         return out
 
     def frozen_fraction(self) -> float:

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import EvalDataset, SubsetImageDataset, build_dataset
+from ..data import EvalDataset, SubsetImageDataset
+from ..data.splits import eval_split
 from ..quant import int_range, mse_fit_scale
 from ..quant.config import EDGE_KINDS
 from . import plots
@@ -122,11 +123,11 @@ def _inline(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ data
 def load_batches(data: str, split: str, root: str | None, count: int, img_size: int, mean, std,
-                 batch_size: int = 128, shuffle_seed: int | None = None,
+                 batch_size: int = 128, shuffle_seed: int | None = None, holdout: int = 0,
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` images of a split as a list of normalised ``(x, y)`` batches: the first ones, or a seeded
     random choice when ``shuffle_seed`` is given."""
-    base = build_dataset(data, split, root)
+    base = eval_split(data, split, root, holdout)
     count = min(count, len(base))
     if shuffle_seed is None:
         idx = range(count)
@@ -381,7 +382,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     img, mean, std = meta["img_size"], meta["mean"], meta["std"]
     calib = load_batches(data, "train", root, args.calib_images, img, mean, std, shuffle_seed=0)
     evalb = load_batches(data, tc.get("val_split", "test"), root, args.eval_images, img, mean, std,
-                         batch_size=250)
+                         batch_size=250, holdout=tc.get("holdout", 0))
     compare = None
     if args.compare:
         other, ometa = load_model(args.compare, device)

@@ -163,7 +163,8 @@ def build_export(model: nn.Module, meta: dict[str, Any], fp_dtype: torch.dtype =
 
 def _data_info(meta: dict[str, Any]) -> dict[str, Any]:
     tc = meta.get("train_config") or {}
-    return {"name": tc.get("data"), "root": tc.get("data_root"), "split": tc.get("val_split", "test")}
+    return {"name": tc.get("data"), "root": tc.get("data_root"), "split": tc.get("val_split", "test"),
+            "holdout": tc.get("holdout", 0)}
 
 
 def _blob_names(header: dict[str, Any]) -> dict[str, list[str]]:

@@ -301,7 +301,8 @@ def evaluate_packed(path: str | Path, data: str | None = None, data_root: str | 
     """Top-1 accuracy (%) of a packed export run by the integer runtime (``vvtq eval --packed``)."""
     from torch.utils.data import DataLoader
 
-    from ..data import EvalDataset, SubsetImageDataset, build_dataset
+    from ..data import EvalDataset, SubsetImageDataset
+    from ..data.splits import eval_split
 
     pf = read_packed(path)
     model = build_runtime(pf)
@@ -309,7 +310,8 @@ def evaluate_packed(path: str | Path, data: str | None = None, data_root: str | 
     data = data or ds_info.get("name")
     if not data:
         raise ExportFormatError(f"{path}: the file records no dataset; pass --data")
-    base = build_dataset(data, split or ds_info.get("split") or "test", data_root or ds_info.get("root"))
+    base = eval_split(data, split or ds_info.get("split") or "test", data_root or ds_info.get("root"),
+                      int(ds_info.get("holdout") or 0))
     if limit:
         base = SubsetImageDataset(base, range(min(limit, len(base))))
     loader = DataLoader(EvalDataset(base, int(arch["img_size"]), arch.get("mean"), arch.get("std")),

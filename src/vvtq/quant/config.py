@@ -46,7 +46,9 @@ class QuantConfig:
         split_qkv: split the fused qkv projection into q, k and v with their own weight quantizers.
         weight_granularity: per weight kind, ``tensor``, ``channel`` (output rows) or ``head``.
         act_granularity: per activation kind, ``tensor``, ``channel`` (last axis) or ``head``.
-        gelu_offset: quantize the GELU output unsigned with a learned offset (else signed).
+        gelu_offset: quantize the GELU output with a learned offset ``beta`` (the output is then unsigned).
+        gelu_signed: quantize the GELU output signed (only without an offset). The default, unsigned, is LSQ's
+            standard choice for a non-negative activation; signed 2 bits leave a single positive level.
         grad_scale: step-size gradient scaling, ``lsq``, ``reference`` or ``none``.
         act_init: activation scale initialisation, ``mse`` or ``lsq``.
         overrides: ``{pattern: {"wbits": b, "abits": b}}``, applied in order (later entries win).
@@ -60,6 +62,7 @@ class QuantConfig:
     act_granularity: dict[str, str] = field(default_factory=lambda: _acts(
         "tensor", q_act="head", k_act="head", v_act="head", attn_prob="head", attn_out="head"))
     gelu_offset: bool = True
+    gelu_signed: bool = False
     grad_scale: str = "lsq"
     act_init: str = "mse"
     overrides: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -67,7 +70,7 @@ class QuantConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def preset(cls, name: str, wbits: int = 4, abits: int | None = None, **changes: Any) -> QuantConfig:
-        """``"lsq"``: the plain LSQ baseline (fused qkv, per-tensor scales, signed GELU output).
+        """``"lsq"``: the plain LSQ baseline (fused qkv, per-tensor scales, unsigned GELU output, no offset).
         ``"vvtq"``: module-dependent (split q/k/v, per-channel weights, per-head attention activations,
         unsigned GELU output with offset). Both keep the ends at 8 bits."""
         abits = wbits if abits is None else abits
@@ -90,6 +93,8 @@ class QuantConfig:
         check_bits(self.wbits, "wbits")
         check_bits(self.abits, "abits")
         check_bits(self.edge_bits, "edge_bits")
+        if self.gelu_signed and self.gelu_offset:
+            raise QuantizerError("gelu_signed and gelu_offset exclude each other: an offset GELU output is unsigned")
         if self.grad_scale not in GRAD_SCALE_MODES:
             raise QuantizerError(f"grad_scale must be one of {GRAD_SCALE_MODES}; got {self.grad_scale!r}")
         if self.act_init not in INIT_METHODS:
@@ -140,7 +145,11 @@ class QuantConfig:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise QuantizerError(f"unknown QuantConfig field(s): {', '.join(sorted(unknown))}")
-        cfg = cls(**copy.deepcopy(data))
+        data = copy.deepcopy(data)
+        # configs recorded before ``gelu_signed`` existed quantized the GELU output signed exactly when it had no
+        # offset: rebuild them as they were trained
+        data.setdefault("gelu_signed", not data.get("gelu_offset", True))
+        cfg = cls(**data)
         # tables given partially keep the defaults for the kinds they do not name
         base = cls()
         cfg.weight_granularity = {**base.weight_granularity, **cfg.weight_granularity}

@@ -118,7 +118,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mo
             elif isinstance(child, Mlp) and isinstance(child.fc1, nn.Linear) and isinstance(child.fc2, nn.Linear):
                 child.fc1 = build.linear(child.fc1, f"{path}.fc1", "fc1", "mlp_in")
                 child.fc2 = build.linear(child.fc2, f"{path}.fc2", "fc2", "mlp_hidden",
-                                         signed=not config.gelu_offset, offset=config.gelu_offset)
+                                         signed=config.gelu_signed, offset=config.gelu_offset)
             elif isinstance(child, PatchEmbed) and isinstance(child.proj, nn.Conv2d):
                 conv = child.proj
                 wq = build.weight(f"{path}.proj", "patch_embed", conv.weight.shape)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ class TrainConfig:
 
     ``quant`` holds ``preset`` (``lsq``/``vvtq``), ``wbits``, ``abits`` and any other ``QuantConfig`` field,
     plus ``overrides_file`` (a mixed-precision file from ``vvtq analyze --bit-budget``).
-    ``teacher`` holds ``source`` (``none``: hard labels; ``live``: a checkpoint run on the same crops;
+    ``teacher`` holds ``source`` (``none``: hard labels; ``live``: a checkpoint, or a list of them averaged, run on
+    the same crops;
     ``file``: soft labels from ``vvtq softlabels``), ``checkpoint``, ``softlabels`` and ``hard_weight``.
     """
 
@@ -32,7 +34,8 @@ class TrainConfig:
     # data
     data: str = "fashion_mnist"
     data_root: str | None = None
-    val_split: str = "test"
+    val_split: str = "test"  # or "holdout": the ``holdout`` training images put aside (data/splits.py)
+    holdout: int = 0  # training images held out from training (a fixed choice); scored when val_split=holdout
     img_size: int = 28
     num_crops: int = 1
     crop_scale: tuple[float, float] = (0.35, 1.0)
@@ -49,6 +52,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     label_smoothing: float = 0.0
     clip_grad: float | None = 1.0
+    quant_lr_scale: float = 1.0  # lr of the quantizers' step sizes and offsets, as a multiple of ``lr``
     seed: int = 0
     # quantization-aware training
     quant: dict[str, Any] | None = None
@@ -108,12 +112,41 @@ class TrainConfig:
         source = (self.teacher or {}).get("source", "none")
         if source not in ("none", "live", "file"):
             raise ConfigError(f"teacher.source must be none, live or file; got {source!r}")
+        if self.quant_lr_scale <= 0:
+            raise ConfigError(f"quant_lr_scale must be positive; got {self.quant_lr_scale}")
         if source == "live" and not self.teacher.get("checkpoint"):
             raise ConfigError("teacher.source=live needs teacher.checkpoint")
         if source == "file" and not self.teacher.get("softlabels"):
             raise ConfigError("teacher.source=file needs teacher.softlabels (made by `vvtq softlabels`)")
         self.quant_config()  # a bad quantization setting raises QuantizerError with a clear message
+        self._check_mappings()
         return self
+
+    def _check_mappings(self) -> None:
+        """Every key of ``teacher``, ``regularizer`` and ``oscillation`` is one its consumer takes, and its values
+        are accepted: a typo fails here, before any data is read, not after calibration."""
+        from ..analysis.oscillation import OscillationTracker
+        from ..regularize import ModelBinRegularizer
+
+        for name, known in sub_mapping_keys().items():
+            mapping = getattr(self, name)
+            if mapping is None or name == "quant":  # quant: checked by QuantConfig.preset
+                continue
+            if not isinstance(mapping, dict):
+                raise ConfigError(f"setting {name!r} must be a mapping (or null); got {mapping!r}")
+            unknown = set(mapping) - set(known)
+            if unknown:
+                raise ConfigError(f"unknown key(s) in {name}: {', '.join(sorted(unknown))}; known: "
+                                  f"{', '.join(known)}")
+        try:
+            if self.regularizer is not None:
+                ModelBinRegularizer([], 1, **self.regularizer)
+            if self.oscillation is not None:
+                OscillationTracker([], **{k: v for k, v in self.oscillation.items() if k != "dtype"})
+            if not 0.0 <= float((self.teacher or {}).get("hard_weight", 0.0)) <= 1.0:
+                raise ValueError(f"teacher.hard_weight must be in [0, 1]; got {self.teacher['hard_weight']}")
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
 
     def quant_config(self):
         """The ``QuantConfig`` this recipe asks for, or ``None`` for FP training."""
@@ -131,6 +164,30 @@ class TrainConfig:
         data = asdict(self)
         data["crop_scale"], data["betas"] = list(self.crop_scale), list(self.betas)
         return data
+
+
+def sub_mapping_keys() -> dict[str, tuple[str, ...]]:
+    """The keys each mapping-valued setting takes, read from the code that consumes them."""
+    from ..analysis.oscillation import OscillationTracker
+    from ..quant import QuantConfig
+    from ..regularize import ModelBinRegularizer
+
+    return {"quant": ("preset", "overrides_file", *(f.name for f in fields(QuantConfig))),
+            "teacher": ("source", "checkpoint", "softlabels", "hard_weight"),
+            "regularizer": _params(ModelBinRegularizer, skip=2),
+            "oscillation": _params(OscillationTracker, skip=1)}
+
+
+def settings_help() -> str:
+    """Every setting of a recipe, with the keys of the mapping-valued ones (for ``vvtq train --help``)."""
+    subs = sub_mapping_keys()
+    return ", ".join(f"{f.name}.{{{', '.join(subs[f.name])}}}" if f.name in subs else f.name
+                     for f in fields(TrainConfig))
+
+
+def _params(cls: type, skip: int) -> tuple[str, ...]:
+    """The keyword parameters of ``cls.__init__`` after ``self`` and the first ``skip`` positional ones."""
+    return tuple(list(inspect.signature(cls.__init__).parameters)[1 + skip:])
 
 
 def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..data import EvalDataset, MultiCropDataset, SubsetImageDataset, build_dataset, multicrop_collate
+from ..data import EvalDataset, MultiCropDataset, SubsetImageDataset, multicrop_collate
+from ..data.splits import train_val_datasets
 from .checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from .config import TrainConfig
 
@@ -91,15 +92,43 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     return model.to(device).eval(), meta
 
 
-def load_teacher(spec: str, model_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
-    """A frozen FP teacher: a vvtq checkpoint path, or ``timm:NAME`` for timm's pretrained weights."""
-    if spec.startswith("timm:"):
-        teacher = build_model(spec[5:], model_kwargs, pretrained=True)
-    else:
-        teacher, meta = load_model(spec, "cpu")
+class EnsembleTeacher(nn.Module):
+    """The mean of several frozen teachers' class probabilities. Each teacher sees the crops resized to its own
+    input size (bilinear), so a 28 px DeiT teacher can label 32 px Swin crops. Returns *probabilities*."""
+
+    def __init__(self, teachers: list[nn.Module], img_sizes: list[int | None]):
+        super().__init__()
+        self.teachers = nn.ModuleList(teachers)
+        self.img_sizes = img_sizes
+
+    def forward(self, x: Tensor) -> Tensor:
+        probs = None
+        for teacher, size in zip(self.teachers, self.img_sizes, strict=True):
+            xi = x if size is None or x.shape[-1] == size else F.interpolate(
+                x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            p = teacher(xi).float().softmax(-1)
+            probs = p if probs is None else probs + p
+        return probs / len(self.teachers)
+
+
+def load_teacher(spec: str | list[str], model_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
+    """A frozen FP teacher that returns class probabilities: a vvtq checkpoint path, ``timm:NAME`` for timm's
+    pretrained weights, or a list of them (their probabilities averaged: an ensemble)."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not specs:
+        raise CheckpointError("teacher.checkpoint is an empty list")
+    teachers, sizes = [], []
+    for one in specs:
+        if one.startswith("timm:"):
+            teachers.append(build_model(one[5:], model_kwargs, pretrained=True))
+            sizes.append(None)
+            continue
+        teacher, meta = load_model(one, "cpu")
         if meta.get("quant") is not None:
-            raise CheckpointError(f"teacher {spec} is quantized; distillation needs a full-precision teacher")
-    return teacher.to(device).eval().requires_grad_(False)
+            raise CheckpointError(f"teacher {one} is quantized; distillation needs a full-precision teacher")
+        teachers.append(teacher)
+        sizes.append(int(meta["img_size"]))
+    return EnsembleTeacher(teachers, sizes).to(device).eval().requires_grad_(False)
 
 
 def _checkpoint_kwargs(path: str | Path, model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -146,8 +175,7 @@ class ImageBatchSampler:
 
 
 def _datasets(cfg: TrainConfig):
-    train = build_dataset(cfg.data, "train", cfg.data_root)
-    val = build_dataset(cfg.data, cfg.val_split, cfg.data_root)
+    train, val = train_val_datasets(cfg.data, cfg.data_root, cfg.val_split, cfg.holdout)
     if cfg.train_subset:
         train = SubsetImageDataset(train, range(min(cfg.train_subset, len(train))))
     if cfg.val_subset:
@@ -184,18 +212,32 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
 
 
 # --------------------------------------------------------------------------- optimisation
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norms, embeddings, tokens, step sizes and offsets."""
+def param_groups(model: nn.Module, weight_decay: float, quant_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, embeddings, tokens, step sizes and offsets.
+
+    The quantizers' step sizes and offsets form their own group whose lr is ``quant_lr_scale`` times the
+    weights' (``lr_mult``). Adam normalises every update, so LSQ's gradient scale does not slow a step size
+    down: at the weights' lr a step size of 0.01 moves by several percent a step.
+    """
+    from ..quant.quantizers import Quantizer
+
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
+    quant_ids = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    decay, no_decay, quant = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name in skip or name.split(".")[-1] in skip or "relative_position_bias_table" in name:
+        if id(p) in quant_ids:
+            quant.append(p)
+        elif p.ndim <= 1 or name in skip or name.split(".")[-1] in skip or "relative_position_bias_table" in name:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
+    if quant:
+        groups.append({"params": quant, "weight_decay": 0.0, "lr_mult": quant_lr_scale})
+    return groups
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -299,7 +341,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
-    optimizer = torch.optim.AdamW(param_groups(core, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    optimizer = torch.optim.AdamW(param_groups(core, cfg.weight_decay, cfg.quant_lr_scale), lr=cfg.lr,
+                                  betas=tuple(cfg.betas))
     start_step, best_acc, history = 0, -1.0, []
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -361,7 +404,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             x, y = batch[0].to(device, non_blocking=True), batch[1].to(device)
             lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_mult", 1.0)
             with amp:
                 logits = model(x)
                 if source == "none":
@@ -369,7 +412,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                 else:
                     if source == "live":
                         with torch.no_grad():
-                            target = teacher(x).float().softmax(-1)
+                            target = teacher(x)
                     else:
                         target = batch[4].to(device)
                     loss = distill_loss(logits, target, y, hard_weight)

@@ -1,0 +1,699 @@
+"""Accuracy study v2: which W2A2 recipe beats the (fixed) LSQ baseline, on mini DeiT and mini Swin, Fashion-MNIST.
+
+    python benchmarks/accuracy_v2.py --list                      # the plan: every run, done or not
+    nohup python benchmarks/accuracy_v2.py --pilots --jobs 2 > runs/pilots.log 2>&1 &   # cheap pilots (holdout)
+    nohup python benchmarks/accuracy_v2.py --jobs 2 > runs/accuracy_v2.log 2>&1 &       # the study (test set)
+    python benchmarks/accuracy_v2.py --report-only               # rewrite the results from the finished runs
+    python benchmarks/accuracy_v2.py --quick --work DIR --store DIR   # smoke test: a few steps of a few runs
+
+A recipe is the LSQ baseline plus *factors* applied one at a time (``FACTORS``), written ``kd+crops=2+md``. Every
+run trains on the 55,000 training images left after holding out 5,000 (``holdout``, a fixed choice). Pilots (one
+seed, a short budget) are scored on the held-out images, which chose the recipe; the study's runs are scored on
+the 10,000 test images. Every QAT run starts from the shipped FP teacher of its model
+(``benchmarks/results/accuracy_v2_teachers``; trained first if missing) and sees the same number of crops.
+
+Resumable across sessions: a finished run is ``STORE/<name>.json`` plus its metrics (gzip JSONL), committed
+with the results; an unfinished one continues bit-exactly from ``WORK/<name>/last.safetensors`` when that is
+still on disk. ``--jobs N`` starts N worker processes that claim runs one at a time (``WORK/<name>/claim``),
+so no worker ever waits for another.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+RESULTS = ROOT / "benchmarks" / "results"
+TEACHERS = RESULTS / "accuracy_v2_teachers"
+MODELS = ("mini_deit", "mini_swin")
+HOLDOUT = 5000
+STUDY_CROPS = 120_000  # per QAT run: 2 crop-epochs of Fashion-MNIST's 60,000 (938 steps of 128 crops)
+PILOT_CROPS = 30_000  # per pilot: 234 steps
+QUICK_CROPS = 256
+WARMUP_CROPS = 3_000
+SEEDS = (0, 1, 2)
+
+# the recipes the study reports; "best" is the one the pilots chose (accuracy_v2_findings.md says why)
+RECIPES = {
+    "lsq": ("LSQ baseline", ""),
+    "best": ("vvtq (ours)", "kd+md+qlr=0.1"),
+    "paper": ("published VVTQ recipe", "kd+crops=4+wide+md+reg"),
+}
+# the pilots: mini DeiT W2A2, seed 0, PILOT_CROPS, scored on the held-out images; one factor at a time first
+PILOTS = (  # in order of priority: workers take them first to last
+    "", "kd", "md", "qlr=0.1", "kd+hard=0.5", "regn=1", "freeze=0.02", "sgelu", "kd+ens", "kd+crops=2",
+    "kd+crops=4", "kd+wide", "qlr=0.01", "reg", "regn=10", "lr=1e-3", "lr=2.5e-4",
+)
+
+
+# --------------------------------------------------------------------------- factors
+@dataclass(frozen=True)
+class Context:
+    model: str
+    teacher: str  # this model's FP teacher
+    other_teacher: str | None  # the other architecture's, for the ensemble
+
+
+def _teacher_live(spec: dict, ctx: Context) -> None:
+    spec["teacher"] = {"source": "live", "checkpoint": ctx.teacher, **{k: v for k, v in (spec.get("teacher") or {})
+                                                                       .items() if k == "hard_weight"}}
+
+
+def _needs_kd(spec: dict, what: str) -> None:
+    if (spec.get("teacher") or {}).get("source") != "live":
+        raise StudyError(f"factor {what!r} needs 'kd' before it")
+
+
+def _f_kd(spec, ctx, v):
+    _teacher_live(spec, ctx)
+
+
+def _f_hard(spec, ctx, v):
+    _needs_kd(spec, "hard")
+    spec["teacher"]["hard_weight"] = float(v or _DEFAULTS["hard"])
+
+
+def _f_ens(spec, ctx, v):
+    _needs_kd(spec, "ens")
+    if ctx.other_teacher is None:
+        raise StudyError("factor 'ens' needs both teachers")
+    spec["teacher"]["checkpoint"] = [ctx.teacher, ctx.other_teacher]
+
+
+def _f_crops(spec, ctx, v):
+    spec["num_crops"] = int(v)
+
+
+def _f_wide(spec, ctx, v):
+    spec["crop_scale"] = [0.35, 1.0]
+
+
+def _f_md(spec, ctx, v):
+    spec["quant"] = {**spec["quant"], "preset": "vvtq"}
+
+
+def _f_sgelu(spec, ctx, v):
+    spec["quant"] = {**spec["quant"], "gelu_signed": True}
+
+
+def _f_qlr(spec, ctx, v):
+    spec["quant_lr_scale"] = float(v)
+
+
+def _f_lr(spec, ctx, v):
+    spec["lr"] = float(v)
+
+
+def _f_reg(spec, ctx, v):
+    spec["regularizer"] = {"lambda_max": 0.01, "start_frac": 0.25}
+
+
+def _f_regn(spec, ctx, v):
+    spec["regularizer"] = {"lambda_max": float(v or _DEFAULTS["regn"]), "start_frac": 0.5, "units": "step",
+                           "bins": "group", "weighting": "size"}
+
+
+def _f_freeze(spec, ctx, v):
+    threshold = float(v or _DEFAULTS["freeze"])
+    spec["oscillation"] = {**(spec.get("oscillation") or {"every": 1}), "freeze_threshold": threshold}
+
+
+# name: (label, how it changes the recipe mapping)
+FACTORS = {
+    "kd": ("soft labels of the live FP teacher (its own crop scale, 1 crop)", _f_kd),
+    "hard": ("+ the hard label, weight {v}", _f_hard),
+    "ens": ("teacher = the mean of both architectures' teachers", _f_ens),
+    "crops": ("{v} crops per image ({v}x fewer distinct images)", _f_crops),
+    "wide": ("crop area [0.35, 1] (the published recipe's; the teacher's is [0.8, 1])", _f_wide),
+    "md": ("module-dependent quantizers (split q/k/v, per-channel weights, per-head activations, GELU offset)",
+           _f_md),
+    "sgelu": ("GELU output quantized signed (the old, weak baseline)", _f_sgelu),
+    "qlr": ("quantizer step sizes at {v} x the weights' lr", _f_qlr),
+    "lr": ("weights' lr {v}", _f_lr),
+    "reg": ("published bin regularizer (lambda 0.01, from 25%, bins per tensor)", _f_reg),
+    "regn": ("bin regularizer in steps, bins per channel, size-weighted, lambda {v}, from 50%", _f_regn),
+    "freeze": ("iterative freezing of weights oscillating above frequency {v} (Nagel et al.)", _f_freeze),
+}
+
+
+_DEFAULTS = {"hard": 0.5, "regn": 1.0, "freeze": 0.02}  # a factor's value when the recipe names none
+
+
+class StudyError(RuntimeError):
+    """The plan, a stored result or an input does not fit."""
+
+
+def parse_factors(recipe: str) -> list[tuple[str, str | None]]:
+    out = []
+    for part in filter(None, recipe.split("+")):
+        name, _, value = part.partition("=")
+        if name not in FACTORS:
+            raise StudyError(f"unknown factor {name!r} in recipe {recipe!r}; known: {', '.join(FACTORS)}")
+        out.append((name, value or None))
+    return out
+
+
+def recipe_key(recipe: str) -> str:
+    """A file-name-safe key: ``kd+crops=2`` -> ``kd_crops2``; the baseline is ``lsq``."""
+    return recipe.replace("=", "").replace("+", "_").replace(".", "p").replace("-", "m") or "lsq"
+
+
+def describe(recipe: str) -> str:
+    return "; ".join(FACTORS[n][0].format(v=v or _DEFAULTS.get(n)) for n, v in parse_factors(recipe)) \
+        or "LSQ baseline"
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass
+class Run:
+    name: str
+    model: str
+    group: str  # pilot, main, ablation, bits
+    recipe: str  # factor string
+    bits: int
+    seed: int
+    cfg: Any  # TrainConfig
+    aliases: set[str] = field(default_factory=set)  # every recipe string planned as this same training
+
+    def is_(self, model: str, recipe: str, bits: int, seed: int) -> bool:
+        return (self.model, self.bits, self.seed) == (model, bits, seed) and recipe in self.aliases | {self.recipe}
+
+
+def build_cfg(model: str, bits: int, recipe: str, seed: int, crops: int, scored_on: str, work: Path, name: str,
+              ctx: Context, quick: bool) -> Any:
+    """The TrainConfig of one run: the model's LSQ recipe, the factors, then the study's common settings."""
+    from vvtq.train import TrainConfig
+
+    spec = TrainConfig.from_yaml(CONFIGS / f"{model}_w{bits}a{bits}_lsq.yaml").to_dict()
+    for fname, value in parse_factors(recipe):
+        FACTORS[fname][1](spec, ctx, value)
+    batch = 32 if quick else spec["batch_size"]
+    steps_per_epoch = (256 if quick else 60_000 - HOLDOUT) // (batch // spec["num_crops"])
+    steps = math.ceil(crops / batch)  # whatever the crops per image: the same steps of the same batch
+    spec.update(out=str(work / name), seed=seed, progress=False, init_from=ctx.teacher, holdout=HOLDOUT,
+                val_split=scored_on, ckpt_every_steps=50, log_every=10,
+                epochs=(steps - 1e-6) / steps_per_epoch,  # the loop takes ceil(epochs * steps_per_epoch) steps
+                warmup_epochs=steps * WARMUP_CROPS / STUDY_CROPS / steps_per_epoch)
+    if bits == 2:  # oscillation tracked on every W2A2 run (cheap); the factor 'freeze' adds its threshold
+        spec["oscillation"] = {"every": 1, **(spec.get("oscillation") or {})}
+    if quick:
+        spec.update(train_subset=256, val_subset=200, batch_size=32, calib_batches=1)
+    return TrainConfig.from_dict(spec)
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+    """Every run asked for, most important first, deduplicated by config (a shared run keeps its first name)."""
+    work = Path(args.work)
+    runs: list[Run] = []
+    seen: dict[str, Run] = {}
+    teachers = {m: str(teacher_path(m)) for m in MODELS}
+
+    def add(model, group, recipe, bits, seed, crops, scored_on):
+        ctx = Context(model, teachers[model], next(teachers[o] for o in MODELS if o != model))
+        prefix = "pilot_" if group == "pilot" else ""
+        name = f"{prefix}{model}_{recipe_key(recipe)}_w{bits}a{bits}_s{seed}"
+        cfg = build_cfg(model, bits, recipe, seed, crops, scored_on, work, name, ctx, args.quick)
+        key = _signature(cfg.to_dict())
+        if key in seen:
+            seen[key].aliases.add(recipe)
+            return seen[key]
+        run = Run(name, model, group, recipe, bits, seed, cfg)
+        seen[key] = run
+        runs.append(run)
+        return run
+
+    quick_crops = QUICK_CROPS if args.quick else None
+    if args.pilots:
+        for recipe in args.recipes or PILOTS:
+            for model in args.models:
+                add(model, "pilot", recipe, 2, 0, quick_crops or PILOT_CROPS, "holdout")
+        return runs
+    crops, seeds = quick_crops or STUDY_CROPS, args.seeds
+    for seed in seeds:  # the headline comparison first, seed by seed
+        for model in args.models:
+            for key in ("lsq", "best", "paper"):
+                add(model, "main", RECIPES[key][1], 2, seed, crops, "test")
+    if "mini_deit" in args.models and not args.no_ablation:
+        for recipe in ablation_recipes(RECIPES["best"][1]):
+            for seed in seeds:
+                add("mini_deit", "ablation", recipe, 2, seed, crops, "test")
+    for bits in (4, 3):
+        for model in args.models:
+            for key in ("lsq", "best"):
+                add(model, "bits", RECIPES[key][1], bits, seeds[0], crops, "test")
+    return runs
+
+
+def ablation_recipes(best: str) -> list[str]:
+    """Each factor of ``best`` alone on the baseline, then cumulatively (one factor added a row)."""
+    parts = [p for p in best.split("+") if p]
+    needs_kd = ("hard", "ens")
+    alone = [p if parse_factors(p)[0][0] not in needs_kd else f"kd+{p}" for p in parts]
+    cumulative = ["+".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return list(dict.fromkeys(["", *alone, *cumulative]))
+
+
+def _signature(cfg: dict[str, Any]) -> str:
+    """What makes two runs the same training: the config without bookkeeping, defaults dropped."""
+    from vvtq.train import TrainConfig
+
+    default = TrainConfig().to_dict()
+    keep = {k: v for k, v in _plain(cfg).items() if k not in ("out", "progress", "ckpt_every_steps", "log_every")
+            and _plain(default.get(k, object())) != v}
+    return json.dumps(keep, sort_keys=True)
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+# --------------------------------------------------------------------------- teachers
+def teacher_path(model: str) -> Path:
+    return TEACHERS / f"{model}_fp.safetensors"
+
+
+def ensure_teachers(args: argparse.Namespace, work: Path) -> None:
+    """Train (in parallel, one process each) and ship the FP teachers that are missing."""
+    missing = [m for m in MODELS if not teacher_path(m).is_file()]
+    if not missing:
+        return
+    if args.quick:
+        raise StudyError(f"--quick needs the shipped teachers; missing: {', '.join(missing)}")
+    procs = []
+    for m in missing:
+        out = work / "teachers" / f"{m}_fp"
+        cmd = [sys.executable, "-m", "vvtq", "--threads", str(args.threads), "train", "--config",
+               str(CONFIGS / f"{m}_fp.yaml"), "--set", f"out={out}", "--set", "progress=false",
+               "--set", "ckpt_every_steps=100"] + (["--resume"] if (out / "last.safetensors").is_file() else [])
+        log_path = work / "teachers" / f"{m}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log:
+            procs.append((m, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)))
+        _log(work, f"training teacher {m} (log {log_path})")
+    for m, out, p in procs:
+        if p.wait() != 0:
+            raise StudyError(f"teacher {m} failed: see {work / 'teachers' / f'{m}.log'}")
+        ship_teacher(out, m)
+
+
+def ship_teacher(out: Path, model: str) -> Path:
+    """Copy a trained teacher without its optimizer state, with its metrics, into the shipped folder."""
+    from vvtq.demo import ship_teacher as copy_weights
+
+    TEACHERS.mkdir(parents=True, exist_ok=True)
+    dst = copy_weights(out / "last.safetensors", teacher_path(model))
+    with open(out / "metrics.jsonl", "rb") as src, gzip.open(TEACHERS / f"{model}_fp.metrics.jsonl.gz", "wb") as g:
+        shutil.copyfileobj(src, g)
+    return dst
+
+
+def teacher_accuracy(model: str, split: str = "test", limit: int | None = None) -> float:
+    """Top-1 (%) of a shipped teacher on ``split`` (its first ``limit`` images), cached beside it by the file's
+    hash."""
+    import torch
+
+    from vvtq.data.splits import eval_split
+    from vvtq.train import evaluate, load_model
+    from vvtq.train.loop import eval_loader
+
+    path = teacher_path(model)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    cache = TEACHERS / "accuracy.json"
+    data = json.loads(cache.read_text()) if cache.is_file() else {}
+    key = f"{model}:{split}:{digest}" + (f":{limit}" if limit else "")
+    if key not in data:
+        from vvtq.data import SubsetImageDataset
+
+        net, meta = load_model(path)
+        tc = meta["train_config"]
+        base = eval_split(tc["data"], split, tc.get("data_root"), HOLDOUT)
+        if limit:
+            base = SubsetImageDataset(base, range(min(limit, len(base))))
+        data[key] = evaluate(net, eval_loader(base, meta["img_size"]), torch.device("cpu"))["acc"]
+        _write_atomic(cache, json.dumps(data, indent=1, sort_keys=True))
+    return data[key]
+
+
+# --------------------------------------------------------------------------- running
+def _log(work: Path, msg: str) -> None:
+    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "progress.log", "a") as f:
+        f.write(line + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def stored(run: Run, store: Path) -> dict[str, Any] | None:
+    """The finished result of ``run`` in the store, or None; a stored result of another config is an error."""
+    path = store / f"{run.name}.json"
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    if _signature(res["config"]) != _signature(run.cfg.to_dict()):
+        raise StudyError(f"{path} holds a run of another config; move it away to rerun {run.name}")
+    return res
+
+
+def claim(run: Run) -> bool:
+    """Take ``run`` for this worker (atomic create); False if another worker has it."""
+    run_dir = Path(run.cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(run_dir / "claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _osc_last(metrics: Path, key: str) -> float | None:
+    value = None
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        rec = json.loads(line)
+        if rec.get("type") == "step" and key in rec:
+            value = float(rec[key])
+    return value
+
+
+def execute(run: Run, store: Path, work: Path) -> dict[str, Any] | None:
+    """Train (or continue) one run and store its result; None if it failed (the study goes on)."""
+    import yaml
+
+    from vvtq.train import train
+
+    out = Path(run.cfg.out)
+    resume = (out / "last.safetensors").is_file()
+    if resume:
+        old = yaml.safe_load((out / "config.yaml").read_text())
+        if _signature(old) != _signature(run.cfg.to_dict()):
+            raise StudyError(f"{out} holds an unfinished run of another config; delete it to rerun {run.name}")
+    t0 = time.time()
+    try:
+        res = train(run.cfg, resume=resume)
+    except Exception as exc:  # reported; the other runs go on
+        _log(work, f"FAILED {run.name}: {type(exc).__name__}: {exc}")
+        _write_atomic(out / "failed.txt", f"{type(exc).__name__}: {exc}\n")
+        return None
+    metrics = out / "metrics.jsonl"
+    result = {"name": run.name, "model": run.model, "group": run.group, "recipe": run.recipe, "bits": run.bits,
+              "seed": run.seed, "num_crops": run.cfg.num_crops, "steps": res["step"],
+              "crops": res["step"] * run.cfg.batch_size, "scored_on": run.cfg.val_split,
+              "final_acc": res["final_acc"], "best_acc": res["best_acc"], "wall_s": round(time.time() - t0, 1),
+              "resumed": resume, "osc_lowbit": _osc_last(metrics, "osc/lowbit"),
+              "osc_overall": _osc_last(metrics, "osc/overall"), "frozen": _osc_last(metrics, "osc/frozen"),
+              "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0), "config": _plain(run.cfg.to_dict())}
+    store.mkdir(parents=True, exist_ok=True)
+    with open(metrics, "rb") as src, gzip.open(store / f"{run.name}.metrics.jsonl.gz.tmp", "wb") as g:
+        shutil.copyfileobj(src, g)
+    os.replace(store / f"{run.name}.metrics.jsonl.gz.tmp", store / f"{run.name}.metrics.jsonl.gz")
+    _write_atomic(store / f"{run.name}.json", json.dumps(result, indent=1))
+    return result
+
+
+def work_loop(runs: list[Run], store: Path, work: Path, worker: str) -> int:
+    """Claim and train runs until none is left; returns the number that failed."""
+    failed = 0
+    for i, run in enumerate(runs, 1):
+        if stored(run, store) is not None or not claim(run):
+            continue
+        _log(work, f"{worker} [{i}/{len(runs)}] {run.name}: starting"
+                   + (" (continuing)" if (Path(run.cfg.out) / "last.safetensors").is_file() else ""))
+        res = execute(run, store, work)
+        if res is None:
+            failed += 1
+            continue
+        _log(work, f"{worker} [{i}/{len(runs)}] {run.name}: {res['scored_on']} top-1 {res['final_acc']:.2f}% "
+                   f"osc {res['osc_lowbit']} in {res['wall_s']:.0f} s")
+    return failed
+
+
+def spawn(args: argparse.Namespace, argv: list[str], work: Path) -> list[int]:
+    """``args.jobs`` worker processes, each claiming runs; stale claims (no worker runs now) are cleared first."""
+    for c in work.glob("*/claim"):
+        c.unlink()
+    cleaned, skip = [], False
+    for a in argv:
+        if skip or a == "--jobs":
+            skip = not skip
+            continue
+        if not a.startswith("--jobs="):
+            cleaned.append(a)
+    procs = []
+    for k in range(args.jobs):
+        with open(work / f"worker{k}.log", "a") as log:
+            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *cleaned, "--worker",
+                                           str(k)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}))
+        _log(work, f"worker {k}: pid {procs[-1].pid}, log {work / f'worker{k}.log'}")
+    return [p.wait() for p in procs]
+
+
+# --------------------------------------------------------------------------- results
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return round(statistics.fmean(vals), 3) if vals else None
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict], command: str) -> dict[str, Any]:
+    import timm
+    import torch
+
+    def find(model, recipe, bits, seed):
+        for r in runs:
+            if r.is_(model, recipe, bits, seed) and r.name in results:
+                return results[r.name]["final_acc"]
+        return None
+
+    summary: dict[str, Any] = {}
+    for model in args.models:
+        have, limit = teacher_path(model).is_file(), 200 if args.quick else None
+        row: dict[str, Any] = {"fp": teacher_accuracy(model, "test", limit) if have else None,
+                               "fp_holdout": teacher_accuracy(model, "holdout", limit) if have else None}
+        for key, (_, recipe) in RECIPES.items():
+            row[key] = {}
+            for bits in (2, 3, 4):
+                seeds = args.seeds if bits == 2 else args.seeds[:1]
+                vals = [find(model, recipe, bits, s) for s in seeds]
+                row[key][f"w{bits}a{bits}"] = _mean(vals)
+                row[f"{key}.w{bits}a{bits}"] = _mean(vals)
+                if bits == 2:
+                    row[f"{key}_w2a2_seeds"] = vals
+        row["crops_per_run"] = QUICK_CROPS if args.quick else STUDY_CROPS
+        summary[model] = row
+    ablation = []
+    for recipe in ablation_recipes(RECIPES["best"][1]):
+        names = [next((r.name for r in runs if r.is_("mini_deit", recipe, 2, s)), None) for s in args.seeds]
+        accs = [results[n]["final_acc"] if n in results else None for n in names]
+        oscs = [results[n]["osc_lowbit"] if n in results else None for n in names]
+        ablation.append({"recipe": recipe or "lsq", "label": describe(recipe), "final_acc": accs, "mean": _mean(accs),
+                         "osc_lowbit": oscs})
+    return {"command": command, "quick": args.quick, "summary": summary, "ablation": ablation,
+            "recipes": {k: {"label": v[0], "factors": v[1] or "lsq", "description": describe(v[1])}
+                        for k, v in RECIPES.items()},
+            "budget": {"crops_per_run": QUICK_CROPS if args.quick else STUDY_CROPS, "batch_size_crops": 128,
+                       "pilot_crops": PILOT_CROPS, "warmup_crops": WARMUP_CROPS, "holdout": HOLDOUT,
+                       "rule": "epochs = crops / (55,000 x crops per image): equal steps and crops per step"},
+            "seeds": list(args.seeds),
+            "runs": {r.name: {k: v for k, v in results[r.name].items() if k != "config"} for r in runs
+                     if r.name in results},
+            "missing": [r.name for r in runs if r.name not in results],
+            "wall_s_total": round(sum(results[r.name]["wall_s"] for r in runs if r.name in results), 1),
+            "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpus": os.cpu_count(),
+            "units": "final top-1 (%) after the last step; study runs on the 10,000 test images"}
+
+
+def pilot_table(store: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(store.glob("pilot_*.json")):
+        r = json.loads(path.read_text())
+        rows.append({k: r.get(k) for k in ("name", "model", "recipe", "final_acc", "osc_lowbit", "frozen", "wall_s",
+                                            "steps", "num_crops")})
+    return rows
+
+
+def markdown(doc: dict[str, Any], pilots: list[dict[str, Any]], findings: str | None) -> str:
+    lines = ["# Accuracy study v2: a W2A2 recipe against the fixed LSQ baseline (Fashion-MNIST)", "",
+             f"Command: `{doc['command']}`" + ("  (**quick smoke run: not a result**)" if doc["quick"] else ""), "",
+             f"- Every QAT run: {doc['budget']['crops_per_run']:,} crops, batch 128 crops, from its model's FP "
+             f"teacher; trained on the 55,000 training images left after holding out {doc['budget']['holdout']:,}.",
+             f"- W2A2: mean over seeds {', '.join(map(str, doc['seeds']))}; W4A4 / W3A3: seed {doc['seeds'][0]}. "
+             "Final top-1 (%) on the 10,000 test images.",
+             f"- Wall time of the runs so far: {doc['wall_s_total'] / 3600:.1f} h of worker time (one thread each).",
+             "", "## Recipes", ""]
+    lines += [f"- **{k}** ({v['label']}): `{v['factors']}`: {v['description']}" for k, v in doc["recipes"].items()]
+    lines += ["", "## Main table", "", "| model | FP | recipe | W4A4 | W3A3 | W2A2 mean | W2A2 per seed |",
+              "|---|---|---|---|---|---|---|"]
+    for model, row in doc["summary"].items():
+        for key in RECIPES:
+            seeds = row.get(f"{key}_w2a2_seeds") or []
+            lines.append(f"| {model} | {_fmt(row['fp'])} | {key} | {_fmt(row[key]['w4a4'])} | "
+                         f"{_fmt(row[key]['w3a3'])} | {_fmt(row[key]['w2a2'])} | "
+                         f"{' / '.join(_fmt(v) for v in seeds)} |")
+    lines += ["", "## Ablation (mini DeiT, W2A2, one factor at a time)", "",
+              "| recipe | what | top-1 mean | per seed | oscillating low-bit weights (per seed) |",
+              "|---|---|---|---|---|"]
+    for a in doc["ablation"]:
+        lines.append(f"| `{a['recipe']}` | {a['label']} | {_fmt(a['mean'])} | "
+                     f"{' / '.join(_fmt(v) for v in a['final_acc'])} | "
+                     f"{' / '.join(_fmt(v, 4) for v in a['osc_lowbit'])} |")
+    if pilots:
+        lines += ["", "## Pilots (W2A2, seed 0, 30,000 crops, scored on the 5,000 held-out training images)", "",
+                  "| model | recipe | held-out top-1 | osc. low-bit | frozen | wall |", "|---|---|---|---|---|---|"]
+        for p in sorted(pilots, key=lambda p: (p["model"], -(p["final_acc"] or 0))):
+            lines.append(f"| {p['model']} | `{p['recipe'] or 'lsq'}` | {_fmt(p['final_acc'])} | "
+                         f"{_fmt(p['osc_lowbit'], 4)} | {_fmt(p['frozen'], 4)} | {p['wall_s'] / 60:.1f} min |")
+    if doc["missing"]:
+        lines += ["", f"Not finished yet ({len(doc['missing'])}): " + ", ".join(f"`{m}`" for m in doc["missing"])]
+    lines += ["", "![W2A2 per seed and bit-widths](accuracy_v2.png)", "", "## Findings", "",
+              findings.strip() if findings else "_Not written yet (accuracy_v2_findings.md)._", ""]
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], pilots: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9.6, 4.0), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    colors = {"lsq": "tab:gray", "best": "tab:blue", "paper": "tab:orange"}
+    for i, row in enumerate(doc["summary"].values()):
+        for j, key in enumerate(RECIPES):
+            seeds = [v for v in row.get(f"{key}_w2a2_seeds") or [] if v is not None]
+            x = i * 4 + j
+            if seeds:
+                ax1.bar(x, statistics.fmean(seeds), color=colors[key], label=key if i == 0 else None)
+                ax1.plot([x] * len(seeds), seeds, "k.", ms=4)
+        if row["fp"] is not None:
+            ax1.hlines(row["fp"], i * 4 - 0.5, i * 4 + 2.5, colors="k", linestyles=":", lw=1)
+    ax1.set_xticks([1, 5], list(doc["summary"])[:2] if len(doc["summary"]) > 1 else list(doc["summary"]) + [""])
+    vals = [v for row in doc["summary"].values() for k in RECIPES for v in (row.get(f"{k}_w2a2_seeds") or [])
+            if v is not None]
+    if vals:
+        ax1.set_ylim(min(vals) - 2, max(max(vals), *(r["fp"] or 0 for r in doc["summary"].values())) + 1)
+    ax1.set_ylabel("W2A2 test top-1 (%)")
+    ax1.set_title("W2A2, mean of seeds (dots: each seed; dotted: FP)", fontsize=9)
+    ax1.legend(fontsize=7)
+    ps = sorted((p for p in pilots if p["final_acc"] is not None), key=lambda p: (p["model"], p["final_acc"]))
+    ax2.barh(range(len(ps)), [p["final_acc"] for p in ps], color=["tab:blue" if p["model"] == "mini_deit" else
+                                                                  "tab:green" for p in ps])
+    ax2.set_yticks(range(len(ps)), [f"{p['model'][5:]} {p['recipe'] or 'lsq'}" for p in ps], fontsize=6)
+    if ps:
+        ax2.set_xlim(min(p["final_acc"] for p in ps) - 1, max(p["final_acc"] for p in ps) + 0.5)
+    ax2.set_xlabel("held-out top-1 (%)")
+    ax2.set_title("pilots (W2A2, seed 0, 30k crops)", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100)
+
+
+def write_results(args: argparse.Namespace, runs: list[Run], store: Path, out: Path, command: str) -> dict:
+    study_args = argparse.Namespace(**{**vars(args), "pilots": False, "recipes": None})
+    study = plan(study_args)
+    results = {r.name: res for r in study if (res := stored(r, store)) is not None}
+    doc = summarize(args, study, results, command)
+    pilots = pilot_table(store)
+    doc["pilots"] = pilots
+    _write_atomic(out / "accuracy_v2.json", json.dumps(doc, indent=1))
+    findings = out / "accuracy_v2_findings.md"
+    _write_atomic(out / "accuracy_v2.md", markdown(doc, pilots, findings.read_text() if findings.is_file() else None))
+    plot(doc, pilots, out / "accuracy_v2.png")
+    return doc
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pilots", action="store_true", help="run the pilots (held-out images) instead of the study")
+    p.add_argument("--recipes", nargs="+", default=None, help="with --pilots: these recipes instead of PILOTS")
+    p.add_argument("--models", nargs="+", default=["mini_deit"], choices=MODELS,
+                   help="with --pilots: the models (default mini_deit); the study always runs both")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--quick", action="store_true", help="a few steps on 256 images (smoke test, not a result)")
+    p.add_argument("--work", default=None, help="run folders (default runs/accuracy_v2)")
+    p.add_argument("--store", default=None, help="finished runs (default benchmarks/results/accuracy_v2_runs)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--teachers", default=None, help=f"FP teachers' folder (default {TEACHERS.relative_to(ROOT)})")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--list", action="store_true", help="print the plan and what is done, then exit")
+    p.add_argument("--report-only", action="store_true", help="write the results from the stored runs")
+    args = p.parse_args(argv)
+    if not args.pilots:
+        args.models = list(MODELS) if args.models == ["mini_deit"] and not args.quick else args.models
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    args.work = args.work or str(ROOT / "runs" / "accuracy_v2")
+    args.store = args.store or str(RESULTS / "accuracy_v2_runs")
+    args.out = args.out or str(RESULTS)
+    args.seeds = list(dict.fromkeys(args.seeds))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    global TEACHERS
+    args = parse_args(argv)
+    TEACHERS = Path(args.teachers) if args.teachers else TEACHERS
+    import torch
+
+    torch.set_num_threads(args.threads)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "benchmarks/accuracy_v2.py", *[a for a in argv if a != "--report-only"]])
+    work, store, out = Path(args.work), Path(args.store), Path(args.out)
+    if args.worker is None and not (args.list or args.report_only):
+        ensure_teachers(args, work)
+    runs = plan(args)
+    if args.list:
+        for r in runs:
+            res = stored(r, store)
+            print(f"  {r.name:44s} {r.group:9s} {'done ' + _fmt(res['final_acc']) if res else 'to do'}")
+        return 0
+    failed = 0
+    if args.worker is not None:
+        return 1 if work_loop(runs, store, work, f"worker {args.worker}") else 0
+    if not args.report_only:
+        todo = [r for r in runs if stored(r, store) is None]
+        _log(work, f"{'pilots' if args.pilots else 'study'}: {len(runs)} runs, {len(todo)} to do, {args.jobs} "
+                   f"worker(s) x {args.threads} thread(s)")
+        if args.jobs > 1:
+            codes = spawn(args, argv, work)
+            failed = sum(c != 0 for c in codes)
+            _log(work, f"workers finished with exit codes {codes}")
+        else:
+            for c in work.glob("*/claim"):
+                c.unlink()
+            failed = work_loop(runs, store, work, "worker 0")
+    doc = write_results(args, runs, store, out, command)
+    _log(work, f"wrote {out / 'accuracy_v2.json'}, .md, .png; {len(doc['missing'])} study run(s) not finished")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
