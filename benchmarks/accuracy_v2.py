@@ -225,7 +225,9 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
     def add(model, group, recipe, bits, seed, crops, scored_on):
         ctx = Context(model, teachers[model], next(teachers[o] for o in MODELS if o != model))
-        prefix = "pilot_" if group == "pilot" else ""
+        prefix = ""
+        if group == "pilot":  # pilots of another length are other runs
+            prefix = "pilot_" if crops == PILOT_CROPS or args.quick else f"pilot{crops // 1000}k_"
         name = f"{prefix}{model}_{recipe_key(recipe)}_w{bits}a{bits}_s{seed}"
         cfg = build_cfg(model, bits, recipe, seed, crops, scored_on, work, name, ctx, args.quick)
         key = _signature(cfg.to_dict())
@@ -241,7 +243,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
     if args.pilots:
         for recipe in args.recipes or PILOTS:
             for model in args.models:
-                add(model, "pilot", recipe, 2, 0, quick_crops or PILOT_CROPS, "holdout")
+                add(model, "pilot", recipe, 2, 0, quick_crops or args.pilot_crops, "holdout")
         return runs
     crops, seeds = quick_crops or STUDY_CROPS, args.seeds
     for seed in seeds:  # the headline comparison first, seed by seed
@@ -530,10 +532,10 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
 
 def pilot_table(store: Path) -> list[dict[str, Any]]:
     rows = []
-    for path in sorted(store.glob("pilot_*.json")):
+    for path in sorted(store.glob("pilot*.json")):
         r = json.loads(path.read_text())
         rows.append({k: r.get(k) for k in ("name", "model", "recipe", "final_acc", "osc_lowbit", "frozen", "wall_s",
-                                            "steps", "num_crops")})
+                                            "steps", "crops", "num_crops")})
     return rows
 
 
@@ -563,10 +565,11 @@ def markdown(doc: dict[str, Any], pilots: list[dict[str, Any]], findings: str | 
                      f"{' / '.join(_fmt(v) for v in a['final_acc'])} | "
                      f"{' / '.join(_fmt(v, 4) for v in a['osc_lowbit'])} |")
     if pilots:
-        lines += ["", "## Pilots (W2A2, seed 0, 30,000 crops, scored on the 5,000 held-out training images)", "",
-                  "| model | recipe | held-out top-1 | osc. low-bit | frozen | wall |", "|---|---|---|---|---|---|"]
-        for p in sorted(pilots, key=lambda p: (p["model"], -(p["final_acc"] or 0))):
-            lines.append(f"| {p['model']} | `{p['recipe'] or 'lsq'}` | {_fmt(p['final_acc'])} | "
+        lines += ["", "## Pilots (W2A2, seed 0, scored on the 5,000 held-out training images)", "",
+                  "| model | crops | recipe | held-out top-1 | osc. low-bit | frozen | wall |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in sorted(pilots, key=lambda p: (p["model"], p["crops"], -(p["final_acc"] or 0))):
+            lines.append(f"| {p['model']} | {p['crops']:,} | `{p['recipe'] or 'lsq'}` | {_fmt(p['final_acc'])} | "
                          f"{_fmt(p['osc_lowbit'], 4)} | {_fmt(p['frozen'], 4)} | {p['wall_s'] / 60:.1f} min |")
     if doc["missing"]:
         lines += ["", f"Not finished yet ({len(doc['missing'])}): " + ", ".join(f"`{m}`" for m in doc["missing"])]
@@ -631,6 +634,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pilots", action="store_true", help="run the pilots (held-out images) instead of the study")
     p.add_argument("--recipes", nargs="+", default=None, help="with --pilots: these recipes instead of PILOTS")
+    p.add_argument("--pilot-crops", type=int, default=PILOT_CROPS,
+                   help=f"with --pilots: crops per pilot (default {PILOT_CROPS:,}; the study's: {STUDY_CROPS:,})")
     p.add_argument("--models", nargs="+", default=["mini_deit"], choices=MODELS,
                    help="with --pilots: the models (default mini_deit); the study always runs both")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))

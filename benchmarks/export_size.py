@@ -74,7 +74,7 @@ def _model(name: str, bits: int, calib: torch.Tensor, checkpoints: str | None) -
     if checkpoints:  # a QAT-trained checkpoint of the accuracy study
         path = Path(checkpoints) / f"{name}_vvtq_w{bits}a{bits}_s0" / "last.safetensors"
         if not path.is_file():
-            raise SystemExit(f"export_size: no checkpoint {path} (run benchmarks/accuracy.py first)")
+            raise SystemExit(f"export_size: no checkpoint {path} (a QAT run folder, e.g. from vvtq train)")
         m, meta = load_model(path)
         return m.eval(), meta, f"VVTQ QAT {path.parent.name}", "learned in QAT"
     asset = ROOT / "src" / "vvtq" / "assets" / f"{name}_fmnist.safetensors"

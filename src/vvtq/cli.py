@@ -88,14 +88,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_softlabels(args: argparse.Namespace) -> int:
-    from .data import build_dataset
+    from .data.splits import holdout_split
     from .distill import generate_softlabels
     from .train.loop import load_model, resolve_device
 
     device = resolve_device(args.device)
     teacher, meta = load_model(args.teacher, device)
-    data = args.data or meta["train_config"]["data"]
-    base = build_dataset(data, "train", args.data_root or meta["train_config"].get("data_root"))
+    tc = meta["train_config"]
+    data = args.data or tc["data"]
+    from .data import build_dataset
+
+    base = build_dataset(data, "train", args.data_root or tc.get("data_root"))
+    holdout = tc.get("holdout", 0) if args.holdout is None else args.holdout
+    base = holdout_split(base, holdout)[0]  # the images a recipe with the same ``holdout`` trains on
     if args.limit:
         from .data import SubsetImageDataset
 
@@ -174,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="dataset (default: the teacher's)")
     s.add_argument("--data-root")
     s.add_argument("--limit", type=int, help="first N training images only")
+    s.add_argument("--holdout", type=int, help="training images held out, as in the QAT recipe (default: the "
+                   "teacher's own holdout)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=512)
     s.add_argument("--device", default="auto")
