@@ -57,7 +57,7 @@ RECIPES = {
 # the pilots: mini DeiT W2A2, seed 0, PILOT_CROPS, scored on the held-out images; one factor at a time first
 PILOTS = (  # in order of priority: workers take them first to last
     "", "kd", "md", "qlr=0.1", "kd+hard=0.5", "regn=1", "freeze=0.02", "sgelu", "kd+ens", "kd+crops=2",
-    "kd+crops=4", "kd+wide", "qlr=0.01", "reg", "regn=10", "lr=1e-3", "lr=2.5e-4",
+    "kd+crops=4", "kd+wide", "qlr=0.01", "wqlr=0", "reg", "regn=10", "lr=1e-3", "lr=2.5e-4",
 )
 
 
@@ -115,6 +115,10 @@ def _f_qlr(spec, ctx, v):
     spec["quant_lr_scale"] = float(v)
 
 
+def _f_wqlr(spec, ctx, v):
+    spec["weight_quant_lr_scale"] = float(v)
+
+
 def _f_lr(spec, ctx, v):
     spec["lr"] = float(v)
 
@@ -144,6 +148,8 @@ FACTORS = {
            _f_md),
     "sgelu": ("GELU output quantized signed (the old, weak baseline)", _f_sgelu),
     "qlr": ("quantizer step sizes at {v} x the weights' lr", _f_qlr),
+    "wqlr": ("weight quantizers' step sizes at {v} x the lr (0: fixed at their MSE fit, as OFQ's StatsQ keeps "
+             "them out of the optimizer)", _f_wqlr),
     "lr": ("weights' lr {v}", _f_lr),
     "reg": ("published bin regularizer (lambda 0.01, from 25%, bins per tensor)", _f_reg),
     "regn": ("bin regularizer in steps, bins per channel, size-weighted, lambda {v}, from 50%", _f_regn),

@@ -173,10 +173,13 @@ def test_quantizer_parameters_get_their_own_lr():
 
     model = quantize_model(build_model("mini_deit", {"num_classes": 10, "in_chans": 1}),
                            QuantConfig.preset("vvtq", wbits=2))
-    groups = param_groups(model, 0.05, quant_lr_scale=0.1)
-    quant_ids = {id(p) for q in iter_quantizers(model) for p in q.parameters() if p.requires_grad}
-    assert {id(p) for p in groups[2]["params"]} == quant_ids and groups[2]["lr_mult"] == 0.1
-    assert groups[2]["weight_decay"] == 0.0
+    groups = param_groups(model, 0.05, quant_lr_scale=0.1, weight_quant_lr_scale=0.0)
+    act_ids = {id(p) for q in iter_quantizers(model) if not q.is_weight for p in q.parameters() if p.requires_grad}
+    w_ids = {id(p) for q in iter_quantizers(model) if q.is_weight for p in q.parameters() if p.requires_grad}
+    assert {id(p) for p in groups[2]["params"]} == act_ids and groups[2]["lr_mult"] == 0.1
+    assert {id(p) for p in groups[3]["params"]} == w_ids and groups[3]["lr_mult"] == 0.0
+    assert groups[2]["weight_decay"] == groups[3]["weight_decay"] == 0.0
+    assert param_groups(model, 0.05, quant_lr_scale=0.1)[3]["lr_mult"] == 0.1
     everything = [id(p) for g in groups for p in g["params"]]
     assert sorted(everything) == sorted(id(p) for p in model.parameters() if p.requires_grad)
 
@@ -207,6 +210,7 @@ def test_ensemble_teacher_averages_probabilities_at_each_input_size(tmp_path):
     ("teacher={source: none, hard: 1}", "unknown key.*in teacher: hard"),
     ("teacher={source: none, hard_weight: 2}", r"hard_weight must be in \[0, 1\]"),
     ("quant_lr_scale=0", "quant_lr_scale must be positive"),
+    ("weight_quant_lr_scale=-1", "weight_quant_lr_scale not negative"),
 ])
 def test_typos_in_sub_mappings_fail_before_any_data_is_read(override, message):
     from vvtq.train import ConfigError

@@ -53,6 +53,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     clip_grad: float | None = 1.0
     quant_lr_scale: float = 1.0  # lr of the quantizers' step sizes and offsets, as a multiple of ``lr``
+    weight_quant_lr_scale: float | None = None  # the weight quantizers' step sizes (None: quant_lr_scale; 0: fixed)
     seed: int = 0
     # quantization-aware training
     quant: dict[str, Any] | None = None
@@ -112,8 +113,9 @@ class TrainConfig:
         source = (self.teacher or {}).get("source", "none")
         if source not in ("none", "live", "file"):
             raise ConfigError(f"teacher.source must be none, live or file; got {source!r}")
-        if self.quant_lr_scale <= 0:
-            raise ConfigError(f"quant_lr_scale must be positive; got {self.quant_lr_scale}")
+        if self.quant_lr_scale <= 0 or (self.weight_quant_lr_scale or 0) < 0:
+            raise ConfigError(f"quant_lr_scale must be positive and weight_quant_lr_scale not negative; got "
+                              f"{self.quant_lr_scale}, {self.weight_quant_lr_scale}")
         if source == "live" and not self.teacher.get("checkpoint"):
             raise ConfigError("teacher.source=live needs teacher.checkpoint")
         if source == "file" and not self.teacher.get("softlabels"):

@@ -212,31 +212,35 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
 
 
 # --------------------------------------------------------------------------- optimisation
-def param_groups(model: nn.Module, weight_decay: float, quant_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, quant_lr_scale: float = 1.0,
+                 weight_quant_lr_scale: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norms, embeddings, tokens, step sizes and offsets.
 
-    The quantizers' step sizes and offsets form their own group whose lr is ``quant_lr_scale`` times the
-    weights' (``lr_mult``). Adam normalises every update, so LSQ's gradient scale does not slow a step size
-    down: at the weights' lr a step size of 0.01 moves by several percent a step.
+    The quantizers' step sizes and offsets form their own groups, whose lr is ``quant_lr_scale`` times the
+    weights' (``lr_mult``); the weight quantizers' step sizes take ``weight_quant_lr_scale`` when it is given
+    (0 keeps them at their MSE fit). Adam normalises every update, so LSQ's gradient scale does not slow a step
+    size down: at the weights' lr a step size of 0.01 moves by several percent a step.
     """
     from ..quant.quantizers import Quantizer
 
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    quant_ids = {id(p) for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
-    decay, no_decay, quant = [], [], []
+    owner = {id(p): m.is_weight for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()}
+    decay, no_decay, act_q, weight_q = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if id(p) in quant_ids:
-            quant.append(p)
+        if id(p) in owner:
+            (weight_q if owner[id(p)] else act_q).append(p)
         elif p.ndim <= 1 or name in skip or name.split(".")[-1] in skip or "relative_position_bias_table" in name:
             no_decay.append(p)
         else:
             decay.append(p)
+    w_scale = quant_lr_scale if weight_quant_lr_scale is None else weight_quant_lr_scale
     groups = [{"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0},
               {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0}]
-    if quant:
-        groups.append({"params": quant, "weight_decay": 0.0, "lr_mult": quant_lr_scale})
+    for params, mult in ((act_q, quant_lr_scale), (weight_q, w_scale)):
+        if params:
+            groups.append({"params": params, "weight_decay": 0.0, "lr_mult": mult})
     return groups
 
 
@@ -341,11 +345,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
-    optimizer = torch.optim.AdamW(param_groups(core, cfg.weight_decay, cfg.quant_lr_scale), lr=cfg.lr,
-                                  betas=tuple(cfg.betas))
+    groups = param_groups(core, cfg.weight_decay, cfg.quant_lr_scale, cfg.weight_quant_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     start_step, best_acc, history = 0, -1.0, []
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as exc:  # e.g. made with another grouping of the parameters (another version or recipe)
+            raise CheckpointError(f"{last_path}: its optimizer state does not fit this recipe's parameter groups "
+                                  f"({exc}); it cannot be resumed") from None
         start_step, best_acc = ckpt["meta"]["step"], ckpt["meta"]["best_acc"]
         history = ckpt["meta"]["history"]
 
