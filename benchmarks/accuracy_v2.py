@@ -257,7 +257,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
             for key in ("lsq", "best", "paper"):
                 add(model, "main", RECIPES[key][1], 2, seed, crops, "test")
     if "mini_deit" in args.models and not args.no_ablation:
-        for recipe in ablation_recipes(RECIPES["best"][1]):
+        for recipe in ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1]):
             for seed in seeds:
                 add("mini_deit", "ablation", recipe, 2, seed, crops, "test")
     for bits in (4, 3):
@@ -267,13 +267,16 @@ def plan(args: argparse.Namespace) -> list[Run]:
     return runs
 
 
-def ablation_recipes(best: str) -> list[str]:
-    """Each factor of ``best`` alone on the baseline, then cumulatively (one factor added a row)."""
+def ablation_recipes(best: str, also: str = "") -> list[str]:
+    """Each factor of ``best`` and of ``also`` (the published recipe) alone on the baseline, then ``best``
+    cumulatively, one factor added a row. A factor that needs a teacher ('hard', 'ens') stands on 'kd'."""
+    def alone(part: str) -> str:
+        return f"kd+{part}" if parse_factors(part)[0][0] in ("hard", "ens") else part
+
     parts = [p for p in best.split("+") if p]
-    needs_kd = ("hard", "ens")
-    alone = [p if parse_factors(p)[0][0] not in needs_kd else f"kd+{p}" for p in parts]
+    singles = [alone(p) for p in [*parts, *(p for p in also.split("+") if p)]]
     cumulative = ["+".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return list(dict.fromkeys(["", *alone, *cumulative]))
+    return list(dict.fromkeys(["", *singles, *cumulative]))
 
 
 def _signature(cfg: dict[str, Any]) -> str:
@@ -514,7 +517,7 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
         row["crops_per_run"] = QUICK_CROPS if args.quick else STUDY_CROPS
         summary[model] = row
     ablation = []
-    for recipe in ablation_recipes(RECIPES["best"][1]):
+    for recipe in ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1]):
         names = [next((r.name for r in runs if r.is_("mini_deit", recipe, 2, s)), None) for s in args.seeds]
         accs = [results[n]["final_acc"] if n in results else None for n in names]
         oscs = [results[n]["osc_lowbit"] if n in results else None for n in names]

@@ -49,8 +49,8 @@ def test_plan_equal_crops_holdout_and_one_factor_at_a_time(tmp_path):
     for key in ("lsq", "best", "paper"):
         assert {(m, acc.RECIPES[key][1], s) for m in acc.MODELS for s in (0, 1, 2)} <= w2
     # every cumulative ablation row adds exactly one factor to the row before it
-    rows = acc.ablation_recipes("kd+hard=0.5+md")
-    assert rows == ["", "kd", "kd+hard=0.5", "md", "kd+hard=0.5+md"]
+    rows = acc.ablation_recipes("kd+hard=0.5+md", "kd+crops=4+wide")
+    assert rows == ["", "kd", "kd+hard=0.5", "md", "crops=4", "wide", "kd+hard=0.5+md"]
     cfgs = {r: acc.build_cfg("mini_deit", 2, r, 0, 1000, "test", tmp_path, "x", acc.Context("mini_deit", "T", "U"),
                              False) for r in ("", "kd", "kd+crops=4", "kd+crops=4+wide", "kd+ens", "md", "sgelu")}
     assert cfgs[""].teacher == {"source": "none"} and cfgs[""].crop_scale == (0.8, 1.0)
