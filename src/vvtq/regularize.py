@@ -13,7 +13,7 @@ The first term (dampening) pulls latent weights onto their levels; the second sh
 so fewer weights sit near a rounding threshold. The training loss adds ``lambda(t) * sum_layers R`` with
 ``lambda(t)`` from :func:`lambda_schedule`.
 
-Differences from the reference implementation (deliberate, see docs/METHOD §7):
+Differences from the reference implementation (deliberate, see docs/METHOD.md §7):
 
 * bins come from the integer codes, so every weight belongs to exactly one bin (the reference matched members
   by float equality ``(s*q)/s == q`` and missed 2-5 % of the weights at 3-4 bits);

@@ -1,4 +1,4 @@
-"""``vvtq analyze``: the variation report of a checkpoint (METHOD.md §1; VVTQ §3).
+"""``vvtq analyze``: the variation report of a checkpoint (docs/METHOD.md §1; VVTQ §3).
 
 Writes into ``--out``: ``report.md`` (linking the PNGs), ``report.html`` (the PNGs embedded as base64),
 the PNGs, ``analysis.json`` (every number, to re-draw without re-running) and, with ``--bit-budget``,

@@ -1,4 +1,4 @@
-"""Module sensitivity: quantize one group of sites at a time, the rest in FP (METHOD.md §1; VVTQ §3.1).
+"""Module sensitivity: quantize one group of sites at a time, the rest in FP (docs/METHOD.md §1; VVTQ §3.1).
 
 A *group* is a set of quantizer sites: one module kind across all blocks (``q``, ``fc1``, ``attn_prob``, ...),
 one transformer block, or one layer's weight. For each group, on a fixed evaluation subset,

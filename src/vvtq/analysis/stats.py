@@ -1,6 +1,6 @@
 """Distribution statistics of weights and activations, per quantized module and per attention head.
 
-The "static distribution" part of the variation analysis (METHOD.md §1; VVTQ, Huang et al. 2023, §3.1):
+The "static distribution" part of the variation analysis (docs/METHOD.md §1; VVTQ, Huang et al. 2023, §3.1):
 for every quantizer site (a weight, or the activation a quantizer sees) and for each attention head,
 
     std          sigma = sqrt(E[(x - mu)^2])

@@ -2,7 +2,7 @@
 
 Weights get a per-group MSE fit on the current latent weights. Activation quantizers observe a few training
 batches (full precision passes through meanwhile) and fit their step sizes by MSE or the LSQ rule
-(METHOD.md §2). Under ``torch.distributed`` the fitted scales and offsets are averaged over ranks, so that every
+(docs/METHOD.md §2). Under ``torch.distributed`` the fitted scales and offsets are averaged over ranks, so that every
 replica starts from identical quantizers (the reference initialised rank 0 only).
 """
 from __future__ import annotations

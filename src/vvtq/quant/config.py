@@ -38,7 +38,7 @@ def _acts(default: str, **kinds: str) -> dict[str, str]:
 
 @dataclass
 class QuantConfig:
-    """How to quantize a ViT / DeiT / Swin model (METHOD.md §3).
+    """How to quantize a ViT / DeiT / Swin model (docs/METHOD.md §3).
 
     Attributes:
         wbits, abits: weight and activation bit-widths of the transformer blocks (2..8, or 32 for off).

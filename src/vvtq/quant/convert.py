@@ -1,6 +1,6 @@
 """The one surgery pass: ``quantize_model(model, config)`` converts a timm ViT / DeiT / Swin in place.
 
-Rules, one per timm building block (METHOD.md §3):
+Rules, one per timm building block (docs/METHOD.md §3):
 - ``Attention`` / ``WindowAttention`` -> ``QuantAttention`` (qkv split losslessly into q, k, v when asked);
 - ``Mlp``: ``fc1`` with the MLP-input quantizer, ``fc2`` with the GELU-output quantizer;
 - ``PatchEmbed.proj``, ``PatchMerging.reduction`` and the classifier(s) at ``edge_bits``.

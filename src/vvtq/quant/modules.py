@@ -1,6 +1,6 @@
 """Quantized layers: linear, convolution and multi-head attention composed from ``Quantizer`` modules.
 
-The layers only decide *where* quantizers sit (METHOD.md §3); the rounding lives in the quantizers.
+The layers only decide *where* quantizers sit (docs/METHOD.md §3); the rounding lives in the quantizers.
 ``QuantAttention`` replaces timm's ``Attention`` (ViT/DeiT) and ``WindowAttention`` (Swin) with split or fused
 q/k/v projections and activation quantizers on the block input, q, k, v (per head), the softmax output
 (unsigned, per head) and attn@v (per head, as the input quantizer of the output projection).

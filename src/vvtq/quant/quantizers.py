@@ -2,7 +2,7 @@
 
 A quantizer owns its maths and its state: step sizes (one per group), an optional learned offset, its
 bit-width and an "initialised" flag, all in ``state_dict``. Groups are the whole tensor, each output channel,
-or each attention head (a contiguous block of rows or columns) along one axis. See METHOD.md §2 and
+or each attention head (a contiguous block of rows or columns) along one axis. See docs/METHOD.md §2 and
 Esser et al., ICLR 2020 (LSQ); Bhalgat et al., CVPRW 2020 (LSQ+) for the learned offset.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def check_bits(bits: int, what: str = "bit-width") -> int:
 
 
 def mse_fit_scale(v: Tensor, qmin: int, qmax: int, max_iter: int = 100, tol: float = 1e-5) -> Tensor:
-    """Least-squares step size per row of ``v`` ([G, n]) by alternating rounding and refitting (METHOD.md §2).
+    """Least-squares step size per row of ``v`` ([G, n]) by alternating rounding and refitting (docs/METHOD.md §2).
 
     Starts at ``s = max|v| / Qp`` and repeats ``q = clamp(round(v/s)); s = <v,q>/<q,q>``; each row stops once
     its relative change is below ``tol``, and all stop after ``max_iter`` rounds. Vectorised over rows.
