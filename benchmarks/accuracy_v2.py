@@ -284,13 +284,18 @@ def _signature(cfg: dict[str, Any]) -> str:
     from vvtq.train import TrainConfig
 
     default = TrainConfig().to_dict()
-    keep = {k: v for k, v in _plain(cfg).items() if k not in ("out", "progress", "ckpt_every_steps", "log_every")
+    keep = {k: v for k, v in _relative(cfg).items() if k not in ("out", "progress", "ckpt_every_steps", "log_every")
             and _plain(default.get(k, object())) != v}
     return json.dumps(keep, sort_keys=True)
 
 
 def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
+
+
+def _relative(obj: Any) -> Any:
+    """``obj`` (JSON-able) with every path inside the repository written relative to it: results are portable."""
+    return json.loads(json.dumps(obj).replace(json.dumps(str(ROOT) + os.sep)[1:-1], ""))
 
 
 # --------------------------------------------------------------------------- teachers
@@ -433,7 +438,7 @@ def execute(run: Run, store: Path, work: Path) -> dict[str, Any] | None:
               "final_acc": res["final_acc"], "best_acc": res["best_acc"], "wall_s": round(time.time() - t0, 1),
               "resumed": resume, "osc_lowbit": _osc_last(metrics, "osc/lowbit"),
               "osc_overall": _osc_last(metrics, "osc/overall"), "frozen": _osc_last(metrics, "osc/frozen"),
-              "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0), "config": _plain(run.cfg.to_dict())}
+              "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0), "config": _relative(run.cfg.to_dict())}
     store.mkdir(parents=True, exist_ok=True)
     with open(metrics, "rb") as src, gzip.open(store / f"{run.name}.metrics.jsonl.gz.tmp", "wb") as g:
         shutil.copyfileobj(src, g)
