@@ -88,19 +88,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_softlabels(args: argparse.Namespace) -> int:
-    from .data.splits import holdout_split
+    from .data.splits import training_images
     from .distill import generate_softlabels
     from .train.loop import load_model, resolve_device
 
     device = resolve_device(args.device)
     teacher, meta = load_model(args.teacher, device)
     tc = meta["train_config"]
-    data = args.data or tc["data"]
-    from .data import build_dataset
-
-    base = build_dataset(data, "train", args.data_root or tc.get("data_root"))
     holdout = tc.get("holdout", 0) if args.holdout is None else args.holdout
-    base = holdout_split(base, holdout)[0]  # the images a recipe with the same ``holdout`` trains on
+    base = training_images(args.data or tc["data"], args.data_root or tc.get("data_root"), holdout)
     if args.limit:
         from .data import SubsetImageDataset
 

@@ -43,6 +43,15 @@ Bins = Literal["tensor", "group"]
 Units = Literal["weight", "step"]
 
 
+def check_options(variance: str, weighting: str, bins: str, units: str) -> None:
+    """Raise ``ValueError`` naming the first option that is not one of its allowed values."""
+    for name, value, allowed in (("variance", variance, ("unbiased", "population")),
+                                 ("weighting", weighting, ("none", "size")), ("bins", bins, ("tensor", "group")),
+                                 ("units", units, ("weight", "step"))):
+        if value not in allowed:
+            raise ValueError(f"regularizer {name} must be one of {allowed}; got {value!r}")
+
+
 def bin_regularizer(
     w: Tensor,
     scale: Tensor | float,
@@ -86,14 +95,7 @@ def bin_regularizer(
     """
     if qmax < qmin:
         raise ValueError(f"empty code range [{qmin}, {qmax}]")
-    if variance not in ("unbiased", "population"):
-        raise ValueError(f"variance must be 'unbiased' or 'population', got {variance!r}")
-    if weighting not in ("none", "size"):
-        raise ValueError(f"weighting must be 'none' or 'size', got {weighting!r}")
-    if bins not in ("tensor", "group"):
-        raise ValueError(f"bins must be 'tensor' or 'group', got {bins!r}")
-    if units not in ("weight", "step"):
-        raise ValueError(f"units must be 'weight' or 'step', got {units!r}")
+    check_options(variance, weighting, bins, units)
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     x = w.to(dtype)
     if offset is not None:
@@ -241,11 +243,7 @@ class ModelBinRegularizer:
         skip_bits_ge: int | None = 8,
         units: Units = "weight",
     ) -> None:
-        for name, value, allowed in (("variance", variance, ("unbiased", "population")),
-                                     ("weighting", weighting, ("none", "size")), ("bins", bins, ("tensor", "group")),
-                                     ("units", units, ("weight", "step"))):
-            if value not in allowed:
-                raise ValueError(f"regularizer {name} must be one of {allowed}; got {value!r}")
+        check_options(variance, weighting, bins, units)
         if lambda_max < 0 or not 0.0 <= start_frac <= 1.0:
             raise ValueError(f"regularizer needs lambda_max >= 0 and start_frac in [0, 1]; got {lambda_max}, "
                              f"{start_frac}")

@@ -210,6 +210,7 @@ def test_ensemble_teacher_averages_probabilities_at_each_input_size(tmp_path):
     ("teacher={source: none, hard: 1}", "unknown key.*in teacher: hard"),
     ("teacher={source: none, hard_weight: 2}", r"hard_weight must be in \[0, 1\]"),
     ("quant_lr_scale=0", "quant_lr_scale must be positive"),
+    ("holdout=-5", "holdout must be a number of images >= 0"),
     ("weight_quant_lr_scale=-1", "weight_quant_lr_scale not negative"),
 ])
 def test_typos_in_sub_mappings_fail_before_any_data_is_read(override, message):

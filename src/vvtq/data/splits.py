@@ -29,13 +29,19 @@ def holdout_split(train: ImageDataset, n: int) -> tuple[ImageDataset, ImageDatas
     return rest_ds, held_ds
 
 
+def training_images(data: str, root: str | None, holdout: int) -> ImageDataset:
+    """The images a recipe with this ``holdout`` trains on (what its soft-label file must label)."""
+    from . import build_dataset
+
+    return holdout_split(build_dataset(data, "train", root), holdout)[0]
+
+
 def train_val_datasets(data: str, root: str | None, val_split: str, holdout: int,
                        ) -> tuple[ImageDataset, ImageDataset]:
     """The training set (without its held-out images) and the validation set a recipe names."""
     from . import build_dataset
 
-    train = build_dataset(data, "train", root)
-    train, held = holdout_split(train, holdout)
+    train, held = holdout_split(build_dataset(data, "train", root), holdout)
     if val_split == HOLDOUT_SPLIT:
         if holdout <= 0:
             raise DatasetError("val_split 'holdout' needs holdout > 0 (the number of training images to hold out)")

@@ -113,6 +113,8 @@ class TrainConfig:
         source = (self.teacher or {}).get("source", "none")
         if source not in ("none", "live", "file"):
             raise ConfigError(f"teacher.source must be none, live or file; got {source!r}")
+        if self.holdout < 0:
+            raise ConfigError(f"holdout must be a number of images >= 0; got {self.holdout}")
         if self.quant_lr_scale <= 0 or (self.weight_quant_lr_scale or 0) < 0:
             raise ConfigError(f"quant_lr_scale must be positive and weight_quant_lr_scale not negative; got "
                               f"{self.quant_lr_scale}, {self.weight_quant_lr_scale}")
