@@ -70,9 +70,9 @@ def test_plan_equal_crops_holdout_and_one_factor_at_a_time(tmp_path):
 
 
 def _teachers(folder: Path) -> Path:
-    for model, recipe in (("mini_deit", "mini_deit_fp.yaml"), ("mini_swin", "mini_swin_fp.yaml")):
+    for model in ("mini_deit", "mini_swin"):
         out = folder / model
-        train(TrainConfig.from_yaml(ROOT / "configs" / recipe, TINY + [f"out={out}"]))
+        train(TrainConfig.from_recipe(f"{model}_fp", TINY + [f"out={out}"]))
         ship_teacher(out / "last.safetensors", folder / f"{model}_fp.safetensors")
     return folder
 

@@ -1,6 +1,8 @@
 """The command line: help, one-line errors with exit status 2, and eval of a checkpoint."""
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from vvtq.cli import main
+from vvtq.train import CheckpointError, ConfigError, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
-FP = str(ROOT / "configs" / "mini_deit_fp.yaml")
+FP = "mini_deit_fp"  # a shipped recipe, by name
+QAT = "mini_deit_w2a2_vvtq"
+NO_DATA = "data_root=/nonexistent/fmnist"  # any attempt to read images would fail with another message
 
 
 def test_train_help_is_useful(capsys):
@@ -65,3 +70,150 @@ def test_train_then_eval_and_mismatched_state(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "vvtq", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "demo" in res.stdout
+
+
+def _capture_train(monkeypatch) -> list:
+    """Replace the training loop by a recorder of the config it gets (no data is read)."""
+    seen = []
+
+    def fake_train(cfg, resume=False):
+        seen.append(cfg)
+        return {"step": 0, "final_acc": 0.0, "best_acc": 0.0, "wall_s": 0.0}
+
+    monkeypatch.setattr("vvtq.train.train", fake_train)
+    return seen
+
+
+def test_common_settings_flags_override_the_recipe_and_set(monkeypatch, tmp_path):
+    seen = _capture_train(monkeypatch)
+    argv = ["train", "--config", QAT, "--set", "quant.wbits=4", "--set", "lr=0.1", "--preset", "lsq", "--wbits", "3",
+            "--abits", "4", "--epochs", "0.5", "--lr", "2e-4", "--batch-size", "64", "--seed", "7", "--out",
+            str(tmp_path / "o"), "--init-from", "fp.safetensors", "--teacher", "t.safetensors"]
+    assert main(argv) == 0
+    cfg = seen[0]
+    assert cfg.quant["preset"] == "lsq" and cfg.quant["wbits"] == 3 and cfg.quant["abits"] == 4
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed) == (0.5, 2e-4, 64, 7)
+    assert cfg.out == str(tmp_path / "o") and cfg.init_from == "fp.safetensors"
+    assert cfg.teacher["source"] == "live" and cfg.teacher["checkpoint"] == "t.safetensors"
+    assert cfg.regularizer == {"lambda_max": 0.01, "start_frac": 0.25}  # the rest comes from the recipe
+    qc = cfg.quant_config()
+    assert (qc.wbits, qc.abits, qc.split_qkv) == (3, 4, False)
+    assert main(["train", "--config", f"{QAT}.yaml", "--out", str(tmp_path / "p")]) == 0  # name with .yaml
+    assert seen[1].quant["wbits"] == 2 and seen[1].lr == 5e-4
+
+
+@pytest.mark.parametrize("flags, sets, message", [
+    (["--wbits", "9"], ["quant.wbits=9"], "wbits must be an integer in 2..8"),
+    (["--abits", "1"], ["quant.abits=1"], "abits must be an integer in 2..8"),
+    (["--preset", "lsqq"], ["quant.preset=lsqq"], "unknown preset 'lsqq'"),
+    (["--batch-size", "0"], ["batch_size=0"], "num_crops and batch_size must be >= 1"),
+    (["--batch-size", "6"], ["batch_size=6"], "batch_size (6) must be a multiple of num_crops (4)"),
+    (["--lr", "-1"], ["lr=-1"], "epochs and lr must be positive"),
+    (["--epochs", "0"], ["epochs=0"], "epochs and lr must be positive"),
+])
+def test_flags_are_checked_like_set(flags, sets, message, monkeypatch, capsys):
+    seen = _capture_train(monkeypatch)
+    errors = []
+    for extra in (flags, [a for s in sets for a in ("--set", s)]):
+        assert main(["train", "--config", QAT, "--set", NO_DATA, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        errors.append(err[0])
+    assert errors[0] == errors[1] and not seen
+
+
+@pytest.mark.parametrize("override, key, valid", [
+    ("regularizer={lambda_mx: 0.1}", "lambda_mx", "lambda_max, start_frac, variance"),
+    ("regularizer.lambda_mx=0.1", "lambda_mx", "lambda_max, start_frac, variance"),
+    ("oscillation={every: 1, freeze: 0.1}", "freeze", "momentum, threshold, freeze_threshold, every"),
+    ("teacher.hard=0.5", "hard", "source, checkpoint, softlabels, hard_weight"),
+    ("quant={preset: vvtq, wbit: 2}", "wbit", "preset, overrides_file, wbits, abits"),
+    ("quant.gelu_sign=true", "gelu_sign", "preset, overrides_file, wbits, abits"),
+])
+def test_a_mistyped_key_in_any_sub_mapping_fails_before_any_data_is_read(override, key, valid, monkeypatch,
+                                                                         capsys):
+    seen = _capture_train(monkeypatch)
+    assert main(["train", "--config", QAT, "--set", NO_DATA, "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(rf"vvtq: error: unknown key\(s\) in \w+: {key}[ ;]", err[0]), err
+    assert f"valid keys: {valid}" in err[0] and "nonexistent" not in err[0] and not seen
+    if key == "gelu_sign":
+        assert "did you mean 'gelu_signed'?" in err[0]
+
+
+def test_recipes_lists_every_shipped_recipe_with_its_description(capsys):
+    from vvtq.recipes import recipe_names
+
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = recipe_names()
+    assert [line.split()[0] for line in lines] == names and len(names) >= 25
+    by_name = {line.split()[0]: line.split(None, 1)[1] for line in lines}
+    assert by_name["mini_deit_fp"].startswith("FP teacher: mini DeiT")
+    assert by_name["demo_mini_deit_w2a2"].startswith("The demo's W2A2 run")
+    assert main(["recipes", "mini_swin_fp"]) == 0
+    assert "model: mini_swin" in capsys.readouterr().out
+    assert main(["recipes", "mini_swin_fpp"]) == 2
+    assert "close names: mini_swin_fp" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exc, line", [
+    (ConfigError("bad\nrecipe"), "vvtq: error: bad recipe"),
+    (CheckpointError("corrupt"), "vvtq: error: corrupt"),
+    (TrainingError("non-finite loss"), "vvtq: error: non-finite loss"),
+    (PermissionError(13, "Permission denied", "x.yaml"), "vvtq: error: [Errno 13] Permission denied: 'x.yaml'"),
+])
+def test_vvtq_errors_and_os_errors_are_one_line_status_2(exc, line, monkeypatch, capsys):
+    def fail():
+        raise exc
+
+    monkeypatch.setattr("vvtq.recipes.list_recipes", fail)
+    monkeypatch.delenv("VVTQ_DEBUG", raising=False)
+    assert main(["recipes"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [line] and captured.out == ""
+
+
+@pytest.mark.parametrize("exc", [KeyError("bug"), ValueError("a bug, not an input error"), ZeroDivisionError()])
+def test_anything_else_keeps_its_traceback(exc, monkeypatch):
+    def fail():
+        raise exc
+
+    monkeypatch.setattr("vvtq.recipes.list_recipes", fail)
+    with pytest.raises(type(exc)):
+        main(["recipes"])
+
+
+def test_vvtq_debug_shows_the_traceback_of_an_expected_error(monkeypatch):
+    monkeypatch.setenv("VVTQ_DEBUG", "1")
+    with pytest.raises(ConfigError, match="recipe not found: nothing_like_it"):
+        main(["train", "--config", "nothing_like_it"])
+
+
+_CUDA_WARNING = "No CUDA runtime is found"
+_COMMANDS = """
+import logging, sys
+from vvtq.cli import main
+for argv in (["--help"], ["train", "--help"], ["recipes"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+import torch.utils.cpp_extension  # what torch.compile's CPU code generator imports (the fused fake-quant kernels)
+logging.getLogger("torch.utils.cpp_extension").warning("another message of that logger")
+"""
+
+
+def test_no_cuda_runtime_warning_on_a_cpu_machine(tmp_path):
+    """torch logs the warning when torch.utils.cpp_extension is imported with a CUDA toolkit present and no GPU;
+    vvtq drops that one line (and only it)."""
+    env = {**os.environ, "CUDA_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}  # a toolkit, no usable GPU
+    plain = subprocess.run([sys.executable, "-c", "import torch.utils.cpp_extension"], capture_output=True,
+                           text=True, env=env, timeout=120)
+    if _CUDA_WARNING not in plain.stderr:
+        pytest.skip("this torch build does not log the warning (no CUDA support compiled in)")
+    res = subprocess.run([sys.executable, "-c", _COMMANDS], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _CUDA_WARNING not in res.stderr + res.stdout
+    assert "another message of that logger" in res.stderr  # the logger's other messages still show
+    assert "usage: vvtq" in res.stdout and "mini_deit_fp" in res.stdout

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from fakes import FakeQuantizer
 from vvtq.regularize import ModelBinRegularizer, bin_regularizer, bin_regularizer_loss, lambda_schedule
 
 
@@ -167,30 +168,6 @@ def test_lambda_schedule():
     assert lambda_schedule(400, T, lambda_max=1.0) == pytest.approx((1 - math.cos(math.pi * 0.2)) / 2)
     vals = [lambda_schedule(t, T) for t in range(T + 1)]
     assert all(b >= a for a, b in zip(vals, vals[1:], strict=False))
-
-
-class FakeQuantizer(nn.Module):
-    """A minimal stand-in for the documented weight-quantizer interface."""
-
-    def __init__(self, bits: int, scale, name: str, enabled: bool = True):
-        super().__init__()
-        self.bits = bits
-        self.qmin, self.qmax = int_range(bits)
-        self.scale = nn.Parameter(torch.as_tensor(scale, dtype=torch.float32).reshape(-1))
-        self.name = name
-        self.enabled = enabled
-
-    def expanded_scale(self, x):
-        if self.scale.numel() == 1:
-            return self.scale.reshape(())
-        return self.scale.view(-1, *([1] * (x.ndim - 1)))
-
-    def expanded_offset(self, x):
-        return None
-
-    def codes(self, x):
-        with torch.no_grad():
-            return torch.clamp(torch.round(x / self.expanded_scale(x)), self.qmin, self.qmax).to(torch.int32)
 
 
 def make_pairs():

@@ -4,8 +4,12 @@
     vvtq.quantize_model(model, vvtq.QuantConfig.preset("vvtq", wbits=2, abits=2))
     vvtq.calibrate(model, batches)
 """
-from . import models  # noqa: F401  (registers mini_deit / mini_swin with timm)
-from .quant import (
+from ._torch_logging import quiet_no_cuda_runtime_warning
+
+quiet_no_cuda_runtime_warning()  # torch's "No CUDA runtime is found" line on a CPU machine (see _torch_logging)
+
+from . import models  # noqa: E402, F401  (registers mini_deit / mini_swin with timm)
+from .quant import (  # noqa: E402
     QuantConfig,
     QuantizerError,
     calibrate,

@@ -1,7 +1,9 @@
-"""The ``vvtq`` command line: ``demo``, ``train``, ``eval``, ``softlabels``, ``analyze``, ``export``.
+"""The ``vvtq`` command line: ``demo``, ``train``, ``recipes``, ``eval``, ``softlabels``, ``analyze``, ``export``.
 
-Every expected failure (bad path, bad bit-width, corrupt checkpoint, non-finite loss) prints one line
-``vvtq: error: ...`` and exits with status 2; nothing already saved is touched.
+Every expected failure (a ``VVTQError``: bad recipe or setting, bad bit-width, corrupt checkpoint, non-finite
+loss; or an ``OSError``: a missing or unreadable file) prints one line ``vvtq: error: ...`` and exits with status
+2; nothing already saved is touched. Anything else is a bug and keeps its traceback (``VVTQ_DEBUG=1`` shows the
+traceback of the expected failures too).
 """
 from __future__ import annotations
 
@@ -13,14 +15,35 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import ConfigError, VVTQError
+
 EPILOG_TRAIN = """examples:
-  vvtq train --config configs/mini_deit_fp.yaml                       # FP teacher
-  vvtq train --config configs/mini_deit_w2a2_vvtq.yaml                # W2A2 QAT, multi-crop KD + regularizer
-  vvtq train --config configs/mini_deit_w2a2_vvtq.yaml --set epochs=2 --set quant.wbits=3
+  vvtq recipes                                                        # the shipped recipes
+  vvtq train --config mini_deit_fp                                    # FP teacher (a shipped recipe)
+  vvtq train --config mini_deit_w2a2_vvtq                             # W2A2 QAT, multi-crop KD + regularizer
+  vvtq train --config mini_deit_w2a2_vvtq --wbits 3 --abits 3 --epochs 2 --set regularizer.lambda_max=0.1
+  vvtq train --config my_recipe.yaml                                  # a recipe file of your own
   torchrun --nproc_per_node 2 -m vvtq train --config ...              # data-parallel (gloo on CPU)
   vvtq train --config ... --resume                                    # continue from OUT/last.safetensors
 settings (--set KEY=VALUE, values parsed as YAML; a.b=v sets one key of a mapping):
 {settings}"""
+
+
+# ``vvtq train`` flags for common settings: (setting, argparse dest, type, help). Each one overrides the recipe
+# and --set and goes through the same checks as ``--set setting=value``.
+TRAIN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("quant.preset", "preset", str, "quantizer preset: lsq or vvtq; on an FP recipe this turns QAT on"),
+    ("quant.wbits", "wbits", int, "weight bit-width of the transformer blocks: 2..8, or 32"),
+    ("quant.abits", "abits", int, "activation bit-width of the transformer blocks: 2..8, or 32"),
+    ("epochs", "epochs", float, "passes over the training images"),
+    ("lr", "lr", float, "peak learning rate"),
+    ("batch_size", "batch_size", int, "crops per global batch"),
+    ("seed", "seed", int, "random seed"),
+    ("out", "out", str, "output folder: checkpoints, metrics.jsonl"),
+    ("device", "device", str, "auto (default), cpu, cuda, cuda:1"),
+    ("init_from", "init_from", str, "FP checkpoint the QAT run starts from"),
+    ("teacher.checkpoint", "teacher", str, "distil from this FP checkpoint, run live (sets teacher.source=live)"),
+)
 
 
 def _threads(n: int | None) -> None:
@@ -41,14 +64,12 @@ def _leave_process_group() -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
 
-    overrides = list(args.set or [])
-    for key in ("out", "epochs", "device", "seed"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    settings = {key: getattr(args, dest) for key, dest, _, _ in TRAIN_FLAGS if getattr(args, dest) is not None}
+    if args.teacher is not None:
+        settings["teacher.source"] = "live"
     if args.overrides_file:
-        overrides.append(f"quant.overrides_file={args.overrides_file}")
-    cfg = TrainConfig.from_yaml(args.config, overrides)
+        settings["quant.overrides_file"] = args.overrides_file
+    cfg = TrainConfig.from_yaml(args.config, list(args.set or []), settings)
     if args.no_progress:
         cfg.progress = False
     result = train(cfg, resume=args.resume)
@@ -71,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{args.packed}: top-1 {acc:.2f}% (integer reference runtime)")
         return 0
     if not args.checkpoint:
-        raise ValueError("vvtq eval needs --checkpoint CKPT or --packed FILE")
+        raise ConfigError("vvtq eval needs --checkpoint CKPT or --packed FILE")
     model, meta = load_model(args.checkpoint, device)
     data = args.data or meta["train_config"]["data"]
     root = args.data_root or meta["train_config"].get("data_root")
@@ -113,6 +134,19 @@ def cmd_softlabels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .recipes import list_recipes, recipe_text
+
+    if args.name:
+        print(recipe_text(args.name), end="")
+        return 0
+    rows = list_recipes()
+    width = max(len(name) for name, _ in rows)
+    for name, description in rows:
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -145,12 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a recipe (FP teacher or QAT)",
                        epilog=EPILOG_TRAIN.format(settings=textwrap.fill(settings_help(), 118, break_long_words=False)),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--config", required=True, help="recipe YAML file (see configs/)")
+    t.add_argument("--config", required=True, metavar="RECIPE",
+                   help="a shipped recipe's name (`vvtq recipes` lists them) or a recipe YAML file; a file that "
+                   "exists wins")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe setting (repeatable)")
-    t.add_argument("--out", help="output folder (checkpoints, metrics.jsonl)")
-    t.add_argument("--epochs", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
+    common = t.add_argument_group("common settings", "each overrides the recipe (and --set) and is checked like "
+                                  "--set KEY=VALUE")
+    for key, dest, kind, text in TRAIN_FLAGS:
+        common.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=kind, metavar=key.split(".")[-1].upper(),
+                            help=f"{text} ({key})")
     t.add_argument("--overrides-file", help="mixed-precision QuantConfig overrides (from vvtq analyze)")
     t.add_argument("--resume", action="store_true", help="continue bit-exactly from OUT/last.safetensors")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -181,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=512)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_softlabels)
+
+    r = sub.add_parser("recipes", help="list the shipped recipes (or print one)")
+    r.add_argument("name", nargs="?", help="print this recipe's YAML (copy it to make your own)")
+    r.set_defaults(func=cmd_recipes)
 
     d = sub.add_parser("demo", help="quantize the shipped mini DeiT teacher to W2A2 and compare with FP")
     d.add_argument("--quick", action="store_true", help="a tiny version (< 2 minutes), for tests")
@@ -233,10 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vvtq: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+    except (VVTQError, OSError) as exc:
         if os.environ.get("VVTQ_DEBUG"):
             raise
-        print(f"vvtq: error: {exc}", file=sys.stderr)
+        print(f"vvtq: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
         return 2
 
 

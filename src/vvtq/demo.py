@@ -1,9 +1,9 @@
 """``vvtq demo``: quantize the shipped mini DeiT teacher to W2A2 with the vvtq recipe and compare with FP.
 
 Steps: (1) the FP teacher: the checkpoint shipped in ``vvtq/assets`` (or, with ``--from-scratch``, one trained
-now by its recipe, ``configs/mini_deit_fp_cls.yaml``); (2) its test accuracy; (3) W2A2 QAT from it with the
-``vvtq`` preset, multi-crop distillation from the live teacher and the bin regularizer
-(``configs/demo_mini_deit_w2a2.yaml``); (4) the packed integer export of the W2A2 model, run by the integer
+now by its shipped recipe ``mini_deit_fp_cls``); (2) its test accuracy; (3) W2A2 QAT from it with the
+``vvtq`` preset, multi-crop distillation from the live teacher and the bin regularizer (the shipped recipe
+``demo_mini_deit_w2a2``); (4) the packed integer export of the W2A2 model, run by the integer
 runtime, and its agreement with the PyTorch model; (5) a table of FP vs W2A2 test accuracy, size and wall time.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .train.checkpoint import CheckpointError
 from .train.loop import eval_loader, evaluate, load_model
 
 ASSET = Path(__file__).parent / "assets" / "mini_deit_fmnist.safetensors"
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TEACHER_RECIPE, QAT_RECIPE = "mini_deit_fp_cls", "demo_mini_deit_w2a2"  # shipped in vvtq/recipes (package data)
 QUICK = ["train_subset=512", "val_subset=1000", "epochs=1", "batch_size=64", "calib_batches=2", "log_every=4"]
 QUICK_TEACHER = ["train_subset=2048", "val_subset=1000", "epochs=1", "batch_size=64", "warmup_epochs=0.2"]
 
@@ -52,13 +52,6 @@ def _logits(fn, loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(out), torch.cat(labels)
 
 
-def _recipe(name: str) -> Path:
-    path = CONFIGS / name
-    if not path.is_file():
-        raise CheckpointError(f"recipe {path} not found: run the demo from a vvtq source checkout")
-    return path
-
-
 def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/demo", device: str = "auto") -> dict:
     """Run the demo and print its table; returns the numbers."""
     out_dir = Path(out)
@@ -67,10 +60,10 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     if from_scratch or not ASSET.is_file():
         if not from_scratch:
             print(f"no shipped teacher at {ASSET}; training one first (--from-scratch)")
-        print("== 1/4  training the FP teacher (configs/mini_deit_fp_cls.yaml)")
+        print(f"== 1/4  training the FP teacher (recipe {TEACHER_RECIPE})")
         sets = [f"out={out_dir / 'teacher'}", f"device={device}"] + (QUICK_TEACHER if quick else [])
         t = time.time()
-        train(TrainConfig.from_yaml(_recipe("mini_deit_fp_cls.yaml"), sets))
+        train(TrainConfig.from_recipe(TEACHER_RECIPE, sets))
         teacher_path, teacher_time = out_dir / "teacher" / "last.safetensors", time.time() - t
     else:
         print(f"== 1/4  FP teacher: {teacher_path.name} (shipped; `vvtq demo --from-scratch` retrains it)")
@@ -90,7 +83,7 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     sets = [f"out={out_dir / 'w2a2'}", f"init_from={teacher_path}", f"teacher.checkpoint={teacher_path}",
             f"device={device}"] + (QUICK if quick else [])
     t = time.time()
-    qat_cfg = TrainConfig.from_yaml(_recipe("demo_mini_deit_w2a2.yaml"), sets)
+    qat_cfg = TrainConfig.from_recipe(QAT_RECIPE, sets)
     result = train(qat_cfg)
     qat_time = time.time() - t
 

@@ -9,6 +9,8 @@ from timm.models import register_model
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
+from .errors import ConfigError
+
 MINI_DEIT = dict(img_size=28, patch_size=4, embed_dim=96, depth=6, num_heads=3, mlp_ratio=4.0,
                  qkv_bias=True)
 MINI_SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=48, depths=(2, 2, 2),
@@ -27,7 +29,7 @@ def _kwargs(defaults: dict, kwargs: dict) -> dict:
 def mini_deit(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """DeiT-style ViT: 28 px, patch 4 (7x7 tokens + class token), width 96, 6 blocks, 3 heads (~0.7 M)."""
     if pretrained:
-        raise ValueError("mini_deit has no hub weights; vvtq ships its own teacher (see vvtq.assets)")
+        raise ConfigError("mini_deit has no hub weights; vvtq ships its own teacher (see vvtq.assets)")
     return VisionTransformer(**_kwargs(MINI_DEIT, kwargs))
 
 
@@ -35,5 +37,5 @@ def mini_deit(pretrained: bool = False, **kwargs) -> VisionTransformer:
 def mini_swin(pretrained: bool = False, **kwargs) -> SwinTransformer:
     """Swin: 32 px, patch 2 (16x16 tokens), window 4, widths 48/96/192, depths 2/2/2 (~1.2 M)."""
     if pretrained:
-        raise ValueError("mini_swin has no hub weights")
+        raise ConfigError("mini_swin has no hub weights (pretrained: false)")
     return SwinTransformer(**_kwargs(MINI_SWIN, kwargs))

@@ -110,12 +110,45 @@ def bin_regularizer(
     return _BinRegularizerFn.apply(x, s, qmin, qmax, variance, weighting, bins)
 
 
+def _binned(d: Tensor, y: Tensor | None, idx: Tensor, nbins: int, bin_n: Tensor | float, variance: str,
+            weighting: str, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """``R`` (float64) and ``dR/dw_c`` (flat, ``d``'s dtype; ``d`` is overwritten) from the flat distances ``d``,
+    the values ``y`` whose per-bin spread is penalised (``None``: ``y = d``) and the bin of every weight (``idx``,
+    int32). ``bin_n`` is the size N of the tensor each bin belongs to (a float, or one per bin)."""
+    one = y is None
+    y = d if one else y
+    counts = torch.bincount(idx, minlength=nbins).double()
+    sum_y = torch.bincount(idx, weights=y.double(), minlength=nbins)
+    sum_y2 = torch.bincount(idx, weights=(y * y).double(), minlength=nbins)
+    mean_y = sum_y / counts.clamp_min(1.0)
+    ss = (sum_y2 - sum_y * mean_y).clamp_min(0.0)
+    denom = counts - 1.0 if variance == "unbiased" else counts
+    coef = torch.where(counts > 1, 1.0 / denom.clamp_min(1.0), torch.zeros_like(counts))
+    if weighting == "size":
+        coef = coef * counts / bin_n
+    pull = (sum_y2 / bin_n).sum() if one else (d * d).sum(dtype=torch.float64) / bin_n
+    r = pull + (coef * ss).sum()
+    if not want_grad:
+        return r, None
+    # g = 2 d / N + y * 2 c_j - 2 c_j ybar_j: two per-bin values looked up per weight
+    lookup = torch.stack([2.0 * coef + (2.0 / bin_n if one else 0.0), 2.0 * coef * mean_y], 1)
+    per = lookup.to(d.dtype).index_select(0, idx)
+    if one:
+        return r, d.mul_(per[:, 0]).sub_(per[:, 1])
+    return r, y.mul_(per[:, 0]).sub_(per[:, 1]).add_(d, alpha=2.0 / bin_n)
+
+
 class _BinRegularizerFn(torch.autograd.Function):
-    """``R`` in one forward pass, with its analytic gradient (no autograd graph over the scatter/gather ops).
+    """``R`` in one forward pass, with its analytic gradient (no autograd graph over the scatter ops).
 
-    With ``d_i = w_c,i - w_hat_i`` and ``dev_i = w_c,i - mean_j(i)`` (``j(i)``: the bin of weight i):
+    With ``d_i = w_c,i - w_hat_i`` (0 for a clipped weight) and ``j(i)`` the bin of weight i, every bin statistic
+    comes from three histograms of the codes (``bincount``: members n_j, sum and sum of squares of y), so nothing
+    is gathered back per element in the forward pass: ``SS_j = sum_{i in j} y_i^2 - n_j ybar_j^2`` (summed in
+    float64). ``y = d`` where the step is constant within each bin (one step, or bins per group; then |y| <= s/2
+    and the form is well conditioned), else ``y = w_c``. Then
 
-        dR/dw_c,i = 2 d_i / N + 2 c_j(i) dev_i        (d mean_j / d w_c adds nothing: sum_i in j dev_i = 0)
+        R = sum_i d_i^2 / N + sum_j c_j SS_j
+        dR/dw_c,i = 2 d_i / N + 2 c_j(i) (y_i - ybar_j(i))      (d mean_j / d w_c adds nothing)
         dR/dw_i   = dR/dw_c,i inside [s Qn, s Qp], else 0
         dR/ds     = sum over the clipped weights of (Qn or Qp) * dR/dw_c,i   (w_hat is a constant, as published)
     """
@@ -123,42 +156,36 @@ class _BinRegularizerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, s: Tensor, qmin: int, qmax: int, variance: str, weighting: str, bins: str):
         v = x / s
-        code = torch.clamp(torch.round(v), qmin, qmax)
-        # where clipped, w_c = s * (Qn or Qp): ``edge`` holds that factor (0 inside the range)
-        edge = torch.where(v < qmin, float(qmin), torch.where(v > qmax, float(qmax), 0.0)).to(x.dtype)
-        inside = edge == 0
-        x_c = torch.where(inside, x, s * edge)
-        n = x_c.numel()
-        d = x_c - s * code
+        code = v.clamp(qmin, qmax)
+        inside = code == v
+        code.round_()  # round(clamp(v)) = clamp(round(v)): the bounds are integers
+        d = v.sub_(code).mul_(s).mul_(inside)  # x - s * code inside the range, 0 where clipped
         nbins = qmax - qmin + 1
-        idx = (code - qmin).to(torch.int64)
-        if bins == "group" and s.ndim > 0 and s.numel() > 1:
-            group = torch.arange(s.numel(), device=x.device).reshape(s.shape)
-            idx = group * nbins + idx
+        idx = code.to(torch.int32).sub_(qmin)
+        one_step = s.numel() == 1
+        if bins == "group" and not one_step:
+            group = torch.arange(s.numel(), device=x.device, dtype=torch.int32).reshape(s.shape)
+            idx = idx.add_(group * nbins)  # s broadcasts to x: in place
             nbins = nbins * s.numel()
-        idx = idx.expand_as(x).reshape(-1)
-        flat = x_c.reshape(-1)
-        counts = torch.bincount(idx, minlength=nbins).to(x.dtype)
-        means = torch.zeros(nbins, dtype=x.dtype, device=x.device).index_add_(0, idx, flat) / counts.clamp_min(1.0)
-        dev = flat - means.index_select(0, idx)  # centred two-pass form: as accurate as a loop over bins
-        ss = torch.zeros(nbins, dtype=x.dtype, device=x.device).index_add_(0, idx, dev * dev)
-        denom = counts - 1.0 if variance == "unbiased" else counts
-        coef = torch.where(counts > 1, 1.0 / denom.clamp_min(1.0), torch.zeros_like(counts))
-        if weighting == "size":
-            coef = coef * counts / float(n)
-        r = (d * d).sum() / n + (coef * ss).sum()
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            g = (2.0 / n) * d.reshape(-1) + 2.0 * coef.index_select(0, idx) * dev
-            ctx.save_for_backward(g.view(x_c.shape), edge, inside)
+            one_step = True
+        idx, flat = idx.reshape(-1), d.reshape(-1)
+        y = flat if one_step else torch.addcmul(flat, s.expand_as(x).reshape(-1), code.reshape(-1))  # w_c
+        n = flat.numel()
+        r, g = _binned(flat, None if one_step else y, idx, nbins, float(n), variance, weighting,
+                       ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        r = r.to(x.dtype)
+        if g is not None:
+            g = g.view(x.shape)
+            ctx.save_for_backward(g, code, inside)
             ctx.s_shape = s.shape
         return r
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        g, edge, inside = ctx.saved_tensors
+        g, code, inside = ctx.saved_tensors
         g = g * grad
-        gx = torch.where(inside, g, 0.0) if ctx.needs_input_grad[0] else None
-        gs = (g * edge).sum_to_size(ctx.s_shape) if ctx.needs_input_grad[1] else None
+        gx = g * inside if ctx.needs_input_grad[0] else None
+        gs = (g * code).masked_fill_(inside, 0.0).sum_to_size(ctx.s_shape) if ctx.needs_input_grad[1] else None
         return gx, gs, None, None, None, None, None
 
 

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from vvtq.train import CheckpointError, TrainConfig, TrainingError, load_checkpo
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["train_subset=256", "val_subset=200", "batch_size=32", "epochs=1", "log_every=1", "progress=false",
         "drop_path=0.0", "warmup_epochs=0.25"]
-FP = str(ROOT / "configs" / "mini_deit_fp.yaml")
+FP = "mini_deit_fp"  # a shipped recipe, by name
 QAT = ["quant={preset: vvtq, wbits: 4, abits: 4}", "calib_batches=1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
@@ -85,26 +84,45 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vvtq", "--threads", "1", *args]
 
 
+# Runs `vvtq train` in a child that SIGKILLs itself in the middle of writing the checkpoint of step KILL_AT_STEP
+# (its temporary file half written, the rename not done): a real SIGKILL at a chosen point, not a timing race.
+_KILL_CHILD = """
+import json, os, signal, sys
+from pathlib import Path
+import vvtq.train.checkpoint as ck
+from vvtq.cli import main
+
+kill_at, real_save = int(os.environ["KILL_AT_STEP"]), ck.save_file
+
+def save_file(tensors, filename, metadata=None):
+    real_save(tensors, filename, metadata=metadata)
+    if Path(filename).name.startswith(".last.safetensors.") and json.loads(metadata["vvtq"])["step"] == kill_at:
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ck.save_file = save_file
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_then_resume_is_bit_exact(tmp_path):
+    """SIGKILL while the checkpoint of step 11 (in the second epoch) is being written: the checkpoint of step 10
+    stays intact, and resuming from it gives the uninterrupted run's weights and metrics exactly."""
     sets = TINY + QAT + ["epochs=2", "ckpt_every_steps=1", "oscillation={every: 1}"]
     args = [a for s in sets for a in ("--set", s)]
     ref = tmp_path / "ref"
     subprocess.run(_cli("train", "--config", FP, "--out", str(ref), *args), check=True, env=ENV,
-                   capture_output=True)
+                   capture_output=True, timeout=300)
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli("train", "--config", FP, "--out", str(run), *args), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill somewhere in the second epoch (a checkpoint write may be under way)
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(r["step"] >= 11 for r in _records(metrics, "step")):
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert load_checkpoint(run / "last.safetensors")["meta"]["step"] < 16
+    child = subprocess.run([sys.executable, "-c", _KILL_CHILD, "--threads", "1", "train", "--config", FP, "--out",
+                            str(run), *args], env={**ENV, "KILL_AT_STEP": "11"}, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    assert list(run.glob(".last.safetensors.*.tmp")), "the child died before its half-written checkpoint"
+    assert load_checkpoint(run / "last.safetensors")["meta"]["step"] == 10
     subprocess.run(_cli("train", "--config", FP, "--out", str(run), "--resume", *args), check=True, env=ENV,
-                   capture_output=True)
+                   capture_output=True, timeout=300)
     a, b = load_file(ref / "last.safetensors"), load_file(run / "last.safetensors")
     assert a.keys() == b.keys()
     differ = [key for key in a if not torch.equal(a[key], b[key])]
@@ -188,8 +206,7 @@ def test_ensemble_teacher_averages_probabilities_at_each_input_size(tmp_path):
     from vvtq.train.loop import load_teacher
 
     train(TrainConfig.from_yaml(FP, TINY + ["max_steps=1", f"out={tmp_path / 'd'}"]))
-    train(TrainConfig.from_yaml(ROOT / "configs" / "mini_swin_fp.yaml", TINY + ["max_steps=1",
-                                                                               f"out={tmp_path / 's'}"]))
+    train(TrainConfig.from_yaml("mini_swin_fp", TINY + ["max_steps=1", f"out={tmp_path / 's'}"]))
     deit, swin = str(tmp_path / "d" / "last.safetensors"), str(tmp_path / "s" / "last.safetensors")
     single, both = load_teacher(deit, {}, torch.device("cpu")), load_teacher([deit, swin], {}, torch.device("cpu"))
     x = torch.randn(3, 1, 28, 28)
@@ -204,7 +221,11 @@ def test_ensemble_teacher_averages_probabilities_at_each_input_size(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("regularizer={lambda_mx: 0.1}", "unknown key.*in regularizer: lambda_mx"),
+    ("regularizer={lambda_mx: 0.1}", r"unknown key.*in regularizer: lambda_mx.*valid keys: lambda_max, start_frac"),
+    ("quant={preset: vvtq, wbit: 2}", r"unknown key.*in quant: wbit .*valid keys: preset, overrides_file, wbits"),
+    ("quant.gelu_sign=true", "unknown key.*in quant: gelu_sign"),
+    ("quant=3", "setting 'quant' must be a mapping"),
+    ("quant.wbits=9", "quant: wbits must be an integer in 2..8"),
     ("regularizer={units: bits}", "units must be one of"),
     ("oscillation={freeze: 0.1}", "unknown key.*in oscillation: freeze"),
     ("teacher={source: none, hard: 1}", "unknown key.*in teacher: hard"),
@@ -217,4 +238,4 @@ def test_typos_in_sub_mappings_fail_before_any_data_is_read(override, message):
     from vvtq.train import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        TrainConfig.from_yaml(ROOT / "configs" / "mini_deit_w2a2_vvtq.yaml", [override])
+        TrainConfig.from_yaml("mini_deit_w2a2_vvtq", [override])

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from ..data import EvalDataset, SubsetImageDataset
 from ..data.splits import eval_split
+from ..errors import ConfigError
 from ..quant import int_range, mse_fit_scale
 from ..quant.config import EDGE_KINDS
 from . import plots
@@ -377,7 +378,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     tc = meta.get("train_config") or {}
     data = args.data or tc.get("data")
     if not data:
-        raise ValueError(f"{args.checkpoint} records no dataset; pass --data")
+        raise ConfigError(f"{args.checkpoint} records no dataset; pass --data")
     root = args.data_root or tc.get("data_root")
     img, mean, std = meta["img_size"], meta["mean"], meta["std"]
     calib = load_batches(data, "train", root, args.calib_images, img, mean, std, shuffle_seed=0)
@@ -387,7 +388,7 @@ def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     if args.compare:
         other, ometa = load_model(args.compare, device)
         if ometa["img_size"] != img:
-            raise ValueError(f"--compare {args.compare} takes {ometa['img_size']} px images, this one {img}")
+            raise ConfigError(f"--compare {args.compare} takes {ometa['img_size']} px images, this one {img}")
         compare = (other, ometa, Path(args.compare).as_posix())
     choices = tuple(getattr(args, "bit_choices", None) or DEFAULT_CHOICES)
     res = analyze(model, meta, calib, evalb, args.out, bits=args.bits, device=device, metrics=args.metrics,

@@ -9,13 +9,15 @@ from typing import Any
 
 import torch
 
+from ..errors import VVTQError
+
 IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 FASHION_MNIST_MEAN: tuple[float, ...] = (0.2860,)
 FASHION_MNIST_STD: tuple[float, ...] = (0.3530,)
 
 
-class DatasetError(ValueError):
+class DatasetError(VVTQError, ValueError):
     """A dataset is missing, empty or corrupt (the message names the path)."""
 
 

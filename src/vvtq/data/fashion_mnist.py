@@ -113,7 +113,7 @@ def _find(root: Path, stem: str) -> Path:
 def load_fashion_mnist_arrays(root: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Read the images ``[N, 28, 28]`` uint8 and labels ``[N]`` of one split (``train``/``test``)."""
     if split not in _SPLIT_PREFIX:
-        raise ValueError(f"Fashion-MNIST split must be one of {sorted(_SPLIT_PREFIX)}, got {split!r}")
+        raise DatasetError(f"Fashion-MNIST split must be one of {sorted(_SPLIT_PREFIX)}, got {split!r}")
     root_p = Path(root)
     if not root_p.is_dir():
         raise DatasetError(f"Fashion-MNIST directory {root_p} not found; {_INSTALL_HINT}")

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from vvtq.data.base import ImageDataset
 from vvtq.data.multicrop import STREAM_SOFTLABEL_CROPS
 from vvtq.data.transforms import apply_crop, boxes_to_tensor, item_generator, normalize, sample_crop
+from vvtq.errors import VVTQError
 
 FORMAT_NAME = "vvtq-softlabels"
 FORMAT_VERSION = 1
@@ -38,7 +39,7 @@ _ST_DTYPES = {
 }
 
 
-class SoftLabelError(ValueError):
+class SoftLabelError(VVTQError, ValueError):
     """A soft-label file is missing, corrupt, or was made for another dataset/split/class count."""
 
 
@@ -136,9 +137,9 @@ def generate_softlabels(
     """
     m, k, n, c = int(num_crops_per_image), int(top_k), len(dataset), dataset.num_classes
     if m < 1 or not 1 <= k <= c:
-        raise ValueError(f"need num_crops_per_image >= 1 and 1 <= top_k <= num_classes ({c}); got {m}, {k}")
+        raise SoftLabelError(f"need num_crops_per_image >= 1 and 1 <= top_k <= num_classes ({c}); got {m}, {k}")
     if n == 0:
-        raise ValueError("cannot generate soft labels for an empty dataset")
+        raise SoftLabelError("cannot generate soft labels for an empty dataset")
     if prob_dtype not in (torch.float16, torch.float32):
         raise ValueError(f"prob_dtype must be float16 or float32, got {prob_dtype}")
     mean = tuple(float(v) for v in (dataset.mean if mean is None else mean))

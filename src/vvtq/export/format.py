@@ -54,6 +54,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from ..errors import VVTQError
 from .packing import pack, packed_nbytes, unpack
 
 FORMAT_NAME = "vvtq-packed"
@@ -67,7 +68,7 @@ _MAX_DEFLATE_RATIO = 1032  # DEFLATE cannot expand a stream by more than this
 _ZLIB_LEVEL = 9
 
 
-class ExportFormatError(ValueError):
+class ExportFormatError(VVTQError, ValueError):
     """A packed export is missing, corrupt, truncated, tampered with, or of another format/version."""
 
 
@@ -315,6 +316,9 @@ def _read_header(path: str, md: dict[str, str]) -> dict[str, Any]:
     if header.get("version") != FORMAT_VERSION:
         raise _fail(path, f"format version {header.get('version')!r} is not supported (this vvtq reads "
                     f"version {FORMAT_VERSION})")
+    if md.get("format") != FORMAT_NAME or md.get("version") != str(FORMAT_VERSION):
+        # the plain copies (for tools that read safetensors metadata) must say what the hashed header says
+        raise _fail(path, "the file's format/version metadata was modified (it disagrees with the header)")
     for field in ("arch", "quantizers", "layers", "packed"):
         if not isinstance(header.get(field), dict):
             raise _fail(path, f"header field {field!r} is missing or malformed")

@@ -137,11 +137,28 @@ class QuantAttention(_IntegerEval, nn.Module):
         self.rel_pos = rel_pos
 
     def _project(self, x: Tensor | QT, B: int, N: int) -> tuple[Tensor, Tensor, Tensor]:
-        if self.split:
+        if self.split and not self._one_matmul(x):
             return tuple(layer(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
                          for layer in (self.q, self.k, self.v))
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)
+        if self.split:  # the same maths as three layers, in one matmul over the stacked quantized weights
+            layers = (self.q, self.k, self.v)
+            w = torch.cat([layer.weight_quant(layer.weight) for layer in layers])
+            b = None if self.q.bias is None else torch.cat([layer.bias for layer in layers])
+            qkv = F.linear(x, w, b)
+        else:
+            qkv = self.qkv(x)
+        return qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def _one_matmul(self, x: Tensor | QT) -> bool:
+        """Whether split q/k/v may run as one matmul: on the fake-quant path, when none of the three layers has
+        its own input quantizer or a hook that must see its call, and their biases are all present or all not."""
+        if isinstance(x, QT):
+            return False
+        layers = (self.q, self.k, self.v)
+        if any(layer.input_quant is not None or layer._forward_hooks or layer._forward_pre_hooks
+               for layer in layers):
+            return False
+        return len({layer.bias is None for layer in layers}) == 1
 
     def _bias(self, N: int, B: int, mask: Tensor | None) -> Tensor | None:
         return attention_bias(self.rel_pos, self.num_heads, N, B, mask)

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import VVTQError
 from .fake_quant import int_range, lsq_fake_quant, quant_codes
 from .intmath import QT, QWeight, quantize
 
@@ -23,7 +24,7 @@ _MIN_SCALE = 1e-8
 _SAMPLES_PER_GROUP = 1 << 16  # calibration values kept per group and batch for the MSE fit
 
 
-class QuantizerError(ValueError):
+class QuantizerError(VVTQError, ValueError):
     """A quantizer was built, loaded or used in a way that cannot give a correct result."""
 
 

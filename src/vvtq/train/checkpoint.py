@@ -17,11 +17,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..errors import VVTQError
+
 FORMAT = "vvtq-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VVTQError, ValueError):
     """A checkpoint is missing, corrupt, of another format, or does not fit the model."""
 
 

@@ -1,7 +1,9 @@
-"""``TrainConfig``: a training recipe, read from a YAML file in ``configs/`` with command-line overrides."""
+"""``TrainConfig``: a training recipe, read from a YAML file (a path, or the name of a recipe shipped in
+``vvtq/recipes``) with command-line overrides."""
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -9,9 +11,9 @@ from typing import Any
 
 import yaml
 
+from ..errors import ConfigError
 
-class ConfigError(ValueError):
-    """A recipe file or an override is invalid."""
+__all__ = ["ConfigError", "TrainConfig", "settings_help", "sub_mapping_keys"]
 
 
 @dataclass
@@ -71,17 +73,34 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (tests); the schedule still spans ``epochs``
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe not found: {path}")
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None,
+                  settings: dict[str, Any] | None = None) -> TrainConfig:
+        """Read a recipe, a YAML file or a shipped recipe's name (a file that exists wins; see ``vvtq.recipes``),
+        then apply the ``key=value`` ``overrides`` (values parsed as YAML) and then ``settings`` (``{key: value}``,
+        values as given; ``a.b`` keys allowed). Both are checked like the recipe itself."""
+        from ..recipes import read_recipe
+
+        return cls._from_text(*read_recipe(path), overrides, settings)
+
+    @classmethod
+    def from_recipe(cls, name: str, overrides: list[str] | None = None,
+                    settings: dict[str, Any] | None = None) -> TrainConfig:
+        """A recipe shipped with vvtq, by name only (a file of that name in the working directory is ignored);
+        overrides and settings as in ``from_yaml``."""
+        from ..recipes import recipe_text
+
+        return cls._from_text(f"recipe {name}", recipe_text(name), overrides, settings)
+
+    @classmethod
+    def _from_text(cls, where: str, text: str, overrides: list[str] | None,
+                   settings: dict[str, Any] | None) -> TrainConfig:
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{where}: not valid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of settings")
-        return cls.from_dict(_apply_overrides(data, overrides or []))
+            raise ConfigError(f"{where}: a recipe is a mapping of settings")
+        return cls.from_dict(_apply_overrides(data, [*(overrides or []), *(settings or {}).items()]))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -90,13 +109,9 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
         data = copy.deepcopy(data)
-        for f in fields(cls):  # YAML reads "1e-3" as a string: coerce numbers, and say so when it fails
-            value = data.get(f.name)
-            if isinstance(value, str) and f.type in ("float", "int", "float | None", "int | None"):
-                try:
-                    data[f.name] = float(value) if "float" in f.type else int(value)
-                except ValueError:
-                    raise ConfigError(f"setting {f.name!r} must be a number; got {value!r}") from None
+        for f in fields(cls):
+            if f.name in data:
+                data[f.name] = _coerce(f.name, f.type, data[f.name])
         cfg = cls(**data)
         cfg.crop_scale, cfg.betas = tuple(cfg.crop_scale), tuple(cfg.betas)
         return cfg.validate()
@@ -106,6 +121,14 @@ class TrainConfig:
         return TrainConfig.from_dict(_apply_overrides(self.to_dict(), overrides))
 
     def validate(self) -> TrainConfig:
+        """Check every setting, and every key of the mapping-valued ones, without reading any data; return
+        ``self`` or raise one ``ConfigError``."""
+        self._check_mappings()
+        if self.num_crops < 1 or self.batch_size < 1:
+            raise ConfigError(f"num_crops and batch_size must be >= 1; got {self.num_crops}, {self.batch_size}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1; got {list(self.crop_scale)}")
         if self.batch_size % self.num_crops:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of num_crops ({self.num_crops})")
         if self.epochs <= 0 or self.lr <= 0:
@@ -122,26 +145,34 @@ class TrainConfig:
             raise ConfigError("teacher.source=live needs teacher.checkpoint")
         if source == "file" and not self.teacher.get("softlabels"):
             raise ConfigError("teacher.source=file needs teacher.softlabels (made by `vvtq softlabels`)")
-        self.quant_config()  # a bad quantization setting raises QuantizerError with a clear message
-        self._check_mappings()
+        from ..quant import QuantizerError
+
+        try:
+            self.quant_config()
+        except QuantizerError as exc:
+            raise ConfigError(f"quant: {exc}") from None
         return self
 
     def _check_mappings(self) -> None:
-        """Every key of ``teacher``, ``regularizer`` and ``oscillation`` is one its consumer takes, and its values
-        are accepted: a typo fails here, before any data is read, not after calibration."""
+        """Every key of ``quant``, ``teacher``, ``regularizer`` and ``oscillation`` is one its consumer takes, and
+        its values are accepted: a typo fails here, before any data is read, not after calibration."""
         from ..analysis.oscillation import OscillationTracker
         from ..regularize import ModelBinRegularizer
 
         for name, known in sub_mapping_keys().items():
             mapping = getattr(self, name)
-            if mapping is None or name == "quant":  # quant: checked by QuantConfig.preset
+            if mapping is None:
                 continue
             if not isinstance(mapping, dict):
                 raise ConfigError(f"setting {name!r} must be a mapping (or null); got {mapping!r}")
-            unknown = set(mapping) - set(known)
+            unknown = sorted(map(str, set(mapping) - set(known)))
             if unknown:
-                raise ConfigError(f"unknown key(s) in {name}: {', '.join(sorted(unknown))}; known: "
+                close = [c[0] for k in unknown if (c := difflib.get_close_matches(k, known, n=1))]
+                hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+                raise ConfigError(f"unknown key(s) in {name}: {', '.join(unknown)}{hint}; valid keys: "
                                   f"{', '.join(known)}")
+        if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
+            raise ConfigError(f"setting 'model_kwargs' must be a mapping; got {self.model_kwargs!r}")
         try:
             if self.regularizer is not None:
                 ModelBinRegularizer([], 1, **self.regularizer)
@@ -170,6 +201,49 @@ class TrainConfig:
         return data
 
 
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    """``value`` as the type ``kind`` (a field's annotation, as text) of the setting ``name``, or ``ConfigError``.
+
+    YAML reads ``1e-3`` as a string: numbers given as strings are converted; an integral float is accepted for
+    an ``int`` and a number for a ``str`` (``out=123``); anything else of the wrong type is refused here, before
+    it can fail somewhere inside training."""
+    optional = kind.endswith(" | None")
+    base = kind.removesuffix(" | None")
+    if value is None:
+        if optional or base.startswith("dict"):
+            return None
+        raise ConfigError(f"setting {name!r} cannot be null")
+    if base in ("int", "float"):
+        if isinstance(value, str):
+            try:
+                value = float(value) if base == "float" else int(value)
+            except ValueError:
+                raise ConfigError(f"setting {name!r} must be a number; got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"setting {name!r} must be a number; got {value!r}")
+        if base == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ConfigError(f"setting {name!r} must be an integer; got {value!r}")
+            return int(value)
+        return value
+    if base == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"setting {name!r} must be true or false; got {value!r}")
+    if base == "str":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"setting {name!r} must be a string; got {value!r}")
+    if base.startswith("tuple"):
+        try:
+            pair = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            pair = ()
+        if len(pair) != 2 or isinstance(value, (str, dict)):
+            raise ConfigError(f"setting {name!r} must be a pair of numbers [a, b]; got {value!r}")
+        return pair
+    return value
+
+
 def sub_mapping_keys() -> dict[str, tuple[str, ...]]:
     """The keys each mapping-valued setting takes, read from the code that consumes them."""
     from ..analysis.oscillation import OscillationTracker
@@ -194,19 +268,30 @@ def _params(cls: type, skip: int) -> tuple[str, ...]:
     return tuple(list(inspect.signature(cls.__init__).parameters)[1 + skip:])
 
 
-def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` overrides to a recipe mapping (values parsed as YAML; ``a.b=v`` sets a key inside a
-    mapping)."""
+def _apply_overrides(data: dict[str, Any], overrides: list[str | tuple[str, Any]]) -> dict[str, Any]:
+    """Apply overrides to a recipe mapping: ``"key=value"`` strings (values parsed as YAML) or ``(key, value)``
+    pairs (values as given); ``a.b`` sets one key inside the mapping ``a``."""
     data = copy.deepcopy(data)
     names = {f.name for f in fields(TrainConfig)}
     for item in overrides:
-        if "=" not in item:
+        if isinstance(item, tuple):
+            key, value = item
+            item, raw = f"{key}={value}", None
+        elif "=" in item:
+            key, raw = item.split("=", 1)
+        else:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
         parts = key.strip().split(".")
         if parts[0] not in names:
-            raise ConfigError(f"override {item!r}: unknown setting {parts[0]!r}")
+            close = difflib.get_close_matches(parts[0], sorted(names), n=3)
+            hint = f" (close names: {', '.join(close)})" if close else " (`vvtq train --help` lists the settings)"
+            raise ConfigError(f"override {item!r}: unknown setting {parts[0]!r}{hint}")
+        if raw is not None:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                                  f"({' '.join(str(exc).split())})") from None
         target = data
         for part in parts[:-1]:
             if target.get(part) is None:

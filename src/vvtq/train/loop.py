@@ -24,21 +24,30 @@ from torch.utils.data import DataLoader
 
 from ..data import EvalDataset, MultiCropDataset, SubsetImageDataset, multicrop_collate
 from ..data.splits import train_val_datasets
+from ..errors import ConfigError, VVTQError
 from .checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from .config import TrainConfig
 
 
-class TrainingError(RuntimeError):
+class TrainingError(VVTQError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
 # --------------------------------------------------------------------------- environment
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: this rank's CUDA device if there is one, else the CPU; otherwise the device named
+    (``ConfigError`` for a name torch does not know, or a CUDA device on a machine without one)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {name!r}: {' '.join(str(exc).split())[:200]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no CUDA device is available here (use auto or cpu)")
+    return device
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -69,6 +78,10 @@ def build_model(name: str, model_kwargs: dict[str, Any], pretrained: bool = Fals
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise CheckpointError(f"unknown model {name!r}") from None
+        raise
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):  # a mistyped model_kwargs key
+            raise ConfigError(f"model {name!r}: {exc}") from None
         raise
 
 
@@ -158,7 +171,7 @@ class ImageBatchSampler:
 
     def __init__(self, num_images: int, images: int, rank: int = 0, world: int = 1, seed: int = 0):
         if images % world:
-            raise ValueError(f"{images} images per batch cannot be split over {world} processes")
+            raise ConfigError(f"{images} images per batch cannot be split over {world} processes")
         self.n, self.images, self.rank, self.world, self.seed = num_images, images, rank, world, seed
         self.epoch, self.start = 0, 0
 
