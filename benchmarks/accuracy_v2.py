@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "src" / "vvtq" / "recipes"
 RESULTS = ROOT / "benchmarks" / "results"
 TEACHERS = RESULTS / "accuracy_v2_teachers"
 MODELS = ("mini_deit", "mini_swin")
@@ -51,7 +51,7 @@ SEEDS = (0, 1, 2)
 # the recipes the study reports; "best" is the one the pilots chose (accuracy_v2_findings.md says why)
 RECIPES = {
     "lsq": ("LSQ baseline", ""),
-    "best": ("vvtq (ours)", "kd+md+qlr=0.1"),
+    "best": ("vvtq (ours)", "kd+crops=2+lr=1e-3+regn=1"),
     "paper": ("published VVTQ recipe", "kd+crops=4+wide+md+reg"),
 }
 # the pilots: mini DeiT W2A2, seed 0, PILOT_CROPS, scored on the held-out images; one factor at a time first
