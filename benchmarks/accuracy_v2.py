@@ -41,6 +41,8 @@ CONFIGS = ROOT / "src" / "vvtq" / "recipes"
 RESULTS = ROOT / "benchmarks" / "results"
 TEACHERS = RESULTS / "accuracy_v2_teachers"
 MODELS = ("mini_deit", "mini_swin")
+# every FP teacher the study may use -> its recipe: each student's own, and a stronger CNN (factor 'cnn')
+TEACHER_RECIPES = {"mini_deit": "mini_deit_fp", "mini_swin": "mini_swin_fp", "cnn": "fmnist_cnn_teacher_fp"}
 HOLDOUT = 5000
 STUDY_CROPS = 120_000  # per QAT run: 2 crop-epochs of Fashion-MNIST's 60,000 (938 steps of 128 crops)
 PILOT_CROPS = 30_000  # per pilot: 234 steps
@@ -67,6 +69,7 @@ class Context:
     model: str
     teacher: str  # this model's FP teacher
     other_teacher: str | None  # the other architecture's, for the ensemble
+    cnn_teacher: str | None = None  # the stronger CNN teacher (factor 'cnn')
 
 
 def _teacher_live(spec: dict, ctx: Context) -> None:
@@ -93,6 +96,14 @@ def _f_ens(spec, ctx, v):
     if ctx.other_teacher is None:
         raise StudyError("factor 'ens' needs both teachers")
     spec["teacher"]["checkpoint"] = [ctx.teacher, ctx.other_teacher]
+
+
+def _f_cnn(spec, ctx, v):
+    _needs_kd(spec, "cnn")
+    if ctx.cnn_teacher is None:
+        raise StudyError("factor 'cnn' needs the CNN teacher")
+    ckpt = spec["teacher"]["checkpoint"]
+    spec["teacher"]["checkpoint"] = [*ckpt, ctx.cnn_teacher] if isinstance(ckpt, list) else ctx.cnn_teacher
 
 
 def _f_crops(spec, ctx, v):
@@ -142,6 +153,8 @@ FACTORS = {
     "kd": ("soft labels of the live FP teacher (its own crop scale, 1 crop)", _f_kd),
     "hard": ("+ the hard label, weight {v}", _f_hard),
     "ens": ("teacher = the mean of both architectures' teachers", _f_ens),
+    "cnn": ("teacher = a narrow ResNet-18 trained here (stronger than the student; after 'ens': joins the mean)",
+            _f_cnn),
     "crops": ("{v} crops per image ({v}x fewer distinct images)", _f_crops),
     "wide": ("crop area [0.35, 1] (the published recipe's; the teacher's is [0.8, 1])", _f_wide),
     "md": ("module-dependent quantizers (split q/k/v, per-channel weights, per-head activations, GELU offset)",
@@ -227,10 +240,10 @@ def plan(args: argparse.Namespace) -> list[Run]:
     work = Path(args.work)
     runs: list[Run] = []
     seen: dict[str, Run] = {}
-    teachers = {m: str(teacher_path(m)) for m in MODELS}
+    teachers = {m: str(teacher_path(m)) for m in TEACHER_RECIPES}
 
     def add(model, group, recipe, bits, seed, crops, scored_on):
-        ctx = Context(model, teachers[model], next(teachers[o] for o in MODELS if o != model))
+        ctx = Context(model, teachers[model], next(teachers[o] for o in MODELS if o != model), teachers["cnn"])
         prefix = ""
         if group == "pilot":  # pilots of another length are other runs
             prefix = "pilot_" if crops == PILOT_CROPS or args.quick else f"pilot{crops // 1000}k_"
@@ -269,9 +282,9 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 def ablation_recipes(best: str, also: str = "") -> list[str]:
     """Each factor of ``best`` and of ``also`` (the published recipe) alone on the baseline, then ``best``
-    cumulatively, one factor added a row. A factor that needs a teacher ('hard', 'ens') stands on 'kd'."""
+    cumulatively, one factor added a row. A factor that needs a teacher ('hard', 'ens', 'cnn') stands on 'kd'."""
     def alone(part: str) -> str:
-        return f"kd+{part}" if parse_factors(part)[0][0] in ("hard", "ens") else part
+        return f"kd+{part}" if parse_factors(part)[0][0] in ("hard", "ens", "cnn") else part
 
     parts = [p for p in best.split("+") if p]
     singles = [alone(p) for p in [*parts, *(p for p in also.split("+") if p)]]
@@ -304,17 +317,20 @@ def teacher_path(model: str) -> Path:
 
 
 def ensure_teachers(args: argparse.Namespace, work: Path) -> None:
-    """Train (in parallel, one process each) and ship the FP teachers that are missing."""
-    missing = [m for m in MODELS if not teacher_path(m).is_file()]
+    """Train (in parallel, one process each) and ship the FP teachers that are missing. ``--quick`` trains none:
+    it needs the students' teachers (and the CNN's only if a recipe asks for it)."""
+    missing = [m for m in TEACHER_RECIPES if not teacher_path(m).is_file()]
+    if args.quick:
+        if needed := [m for m in missing if m in MODELS]:
+            raise StudyError(f"--quick needs the shipped teachers; missing: {', '.join(needed)}")
+        return
     if not missing:
         return
-    if args.quick:
-        raise StudyError(f"--quick needs the shipped teachers; missing: {', '.join(missing)}")
     procs = []
     for m in missing:
         out = work / "teachers" / f"{m}_fp"
         cmd = [sys.executable, "-m", "vvtq", "--threads", str(args.threads), "train", "--config",
-               str(CONFIGS / f"{m}_fp.yaml"), "--set", f"out={out}", "--set", "progress=false",
+               str(CONFIGS / f"{TEACHER_RECIPES[m]}.yaml"), "--set", f"out={out}", "--set", "progress=false",
                "--set", "ckpt_every_steps=100"] + (["--resume"] if (out / "last.safetensors").is_file() else [])
         log_path = work / "teachers" / f"{m}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -521,6 +537,11 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
                     row[f"{key}_w2a2_seeds"] = vals
         row["crops_per_run"] = QUICK_CROPS if args.quick else STUDY_CROPS
         summary[model] = row
+    limit = 200 if args.quick else None
+    teachers = {m: {"file": str(teacher_path(m).relative_to(ROOT)) if teacher_path(m).is_relative_to(ROOT)
+                    else teacher_path(m).name, "recipe": TEACHER_RECIPES[m],
+                    "test": teacher_accuracy(m, "test", limit), "holdout": teacher_accuracy(m, "holdout", limit)}
+                for m in TEACHER_RECIPES if teacher_path(m).is_file()}
     ablation = []
     for recipe in ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1]):
         names = [next((r.name for r in runs if r.is_("mini_deit", recipe, 2, s)), None) for s in args.seeds]
@@ -528,7 +549,7 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
         oscs = [results[n]["osc_lowbit"] if n in results else None for n in names]
         ablation.append({"recipe": recipe or "lsq", "label": describe(recipe), "final_acc": accs, "mean": _mean(accs),
                          "osc_lowbit": oscs})
-    return {"command": command, "quick": args.quick, "summary": summary, "ablation": ablation,
+    return {"command": command, "quick": args.quick, "summary": summary, "teachers": teachers, "ablation": ablation,
             "recipes": {k: {"label": v[0], "factors": v[1] or "lsq", "description": describe(v[1])}
                         for k, v in RECIPES.items()},
             "budget": {"crops_per_run": QUICK_CROPS if args.quick else STUDY_CROPS, "batch_size_crops": 128,
@@ -562,6 +583,8 @@ def markdown(doc: dict[str, Any], pilots: list[dict[str, Any]], findings: str | 
              "Final top-1 (%) on the 10,000 test images.",
              f"- Wall time of the runs so far: {doc['wall_s_total'] / 3600:.1f} h of worker time (one thread each).",
              "", "## Recipes", ""]
+    lines += ["FP teachers (top-1 %, test / held-out): " + "; ".join(
+        f"{m} {_fmt(t['test'])} / {_fmt(t['holdout'])}" for m, t in doc.get("teachers", {}).items()), ""]
     lines += [f"- **{k}** ({v['label']}): `{v['factors']}`: {v['description']}" for k, v in doc["recipes"].items()]
     lines += ["", "## Main table", "", "| model | FP | recipe | W4A4 | W3A3 | W2A2 mean | W2A2 per seed |",
               "|---|---|---|---|---|---|---|"]

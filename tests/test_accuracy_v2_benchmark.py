@@ -58,6 +58,12 @@ def test_plan_equal_crops_holdout_and_one_factor_at_a_time(tmp_path):
     assert cfgs["kd+crops=4"].num_crops == 4 and cfgs["kd+crops=4"].crop_scale == (0.8, 1.0)
     assert cfgs["kd+crops=4+wide"].crop_scale == (0.35, 1.0)
     assert cfgs["kd+ens"].teacher["checkpoint"] == ["T", "U"]
+    ctx = acc.Context("mini_deit", "T", "U", "C")
+    assert acc.build_cfg("mini_deit", 2, "kd+cnn", 0, 1000, "test", tmp_path, "x", ctx, False).teacher == \
+        {"source": "live", "checkpoint": "C"}
+    assert acc.build_cfg("mini_deit", 2, "kd+ens+cnn", 0, 1000, "test", tmp_path, "x", ctx, False) \
+        .teacher["checkpoint"] == ["T", "U", "C"]
+    assert acc.build_cfg("mini_deit", 2, "kd", 0, 1000, "test", tmp_path, "x", ctx, False).init_from == "T"
     assert cfgs["md"].quant["preset"] == "vvtq" and cfgs["sgelu"].quant["gelu_signed"] is True
     with pytest.raises(acc.StudyError, match="unknown factor 'kdd'"):
         acc.parse_factors("kdd")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fakes import FakeQuantizer
+from vvtq.quant import fake_quant as fq
 from vvtq.regularize import ModelBinRegularizer, bin_regularizer, bin_regularizer_loss, lambda_schedule
 
 
@@ -232,3 +233,29 @@ def test_step_units_are_weight_units_divided_by_the_step():
         assert torch.count_nonzero(gw) > 0
     with pytest.raises(ValueError, match="units"):
         bin_regularizer(w, s, -2, 1, units="bits")
+
+
+@pytest.mark.skipif(not fq.have_cxx_compiler(), reason="fused kernels need a C++ compiler")
+@pytest.mark.parametrize(("bits", "opts"), [(2, {}), (4, {"bins": "group", "weighting": "size", "units": "step"})])
+def test_fused_kernels_match_eager(bits, opts):
+    """The compiled one-pass kernels (float32 CPU) give the eager chain's R and gradients."""
+    torch.manual_seed(bits)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    w = (torch.randn(32, 80) * 0.05).requires_grad_(True)
+    w.data[0, :4] = torch.tensor([9.0, -9.0, 0.0, 0.0])  # clipped high and low, and exactly on a level
+    s = (torch.rand(32, 1) * 0.02 + 0.01).requires_grad_(True)
+    out, before = [], fq._fused_mode
+    try:
+        for mode in ("0", "1"):
+            fq.set_fused_kernels(mode)
+            r = bin_regularizer(w, s, qmin, qmax, **opts)
+            out.append((r, *torch.autograd.grad(r, (w, s), allow_unused=True)))
+        assert fq.fused_kernels_mode() == "1", "torch.compile failed although a compiler is present"
+    finally:
+        fq.set_fused_kernels(before)
+    (r0, gw0, gs0), (r1, gw1, gs1) = out
+    torch.testing.assert_close(r1, r0, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-6 * float(gw0.abs().max()))
+    if gs0 is not None:
+        torch.testing.assert_close(gs1, gs0, rtol=1e-4, atol=1e-6 * float(gs0.abs().max()))
+    assert gw0.abs().sum() > 0

@@ -24,6 +24,7 @@ Differences from the reference implementation (deliberate, see docs/METHOD.md §
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -155,6 +156,16 @@ class _BinRegularizerFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, s: Tensor, qmin: int, qmax: int, variance: str, weighting: str, bins: str):
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.fused = None
+        if _use_fused(x, s):
+            group = bins == "group" and s.numel() > 1
+            r, *tables = _fused("stats", x.detach(), s.detach(), qmin, qmax, group, variance == "unbiased",
+                                weighting == "size")
+            if want_grad:
+                ctx.save_for_backward(x, s, *tables)
+                ctx.fused = (qmin, qmax, bins)
+            return r
         v = x / s
         code = v.clamp(qmin, qmax)
         inside = code == v
@@ -171,8 +182,7 @@ class _BinRegularizerFn(torch.autograd.Function):
         idx, flat = idx.reshape(-1), d.reshape(-1)
         y = flat if one_step else torch.addcmul(flat, s.expand_as(x).reshape(-1), code.reshape(-1))  # w_c
         n = flat.numel()
-        r, g = _binned(flat, None if one_step else y, idx, nbins, float(n), variance, weighting,
-                       ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        r, g = _binned(flat, None if one_step else y, idx, nbins, float(n), variance, weighting, want_grad)
         r = r.to(x.dtype)
         if g is not None:
             g = g.view(x.shape)
@@ -182,11 +192,110 @@ class _BinRegularizerFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if ctx.fused is not None:
+            x, s, ta, tb = ctx.saved_tensors
+            qmin, qmax, bins = ctx.fused
+            group = bins == "group" and s.numel() > 1
+            gx, gs = _fused("grad", x.detach(), s.detach(), grad.detach(), ta, tb, qmin, qmax, group)
+            return (gx if ctx.needs_input_grad[0] else None), (gs if ctx.needs_input_grad[1] else None), \
+                None, None, None, None, None
         g, code, inside = ctx.saved_tensors
         g = g * grad
         gx = g * inside if ctx.needs_input_grad[0] else None
         gs = (g * code).masked_fill_(inside, 0.0).sum_to_size(ctx.s_shape) if ctx.needs_input_grad[1] else None
         return gx, gs, None, None, None, None, None
+
+
+# ------------------------------------------------------------------ fused kernels (torch.compile, CPU)
+# The same maths in one compiled pass over the weights each way, for float32 CPU tensors of at least
+# FUSED_MIN_NUMEL elements (the eager chain above is ~20 passes plus three histograms). With few codes (4, 8 or
+# 16), every bin statistic is a masked sum, so the forward pass is one loop with 3 x (Qp - Qn + 1) accumulators
+# (float64) and no bin index is stored; the backward pass recomputes the codes from ``x`` and selects each
+# weight's two per-bin coefficients. Follows vvtq.quant.fake_quant's switch (``set_fused_kernels`` / VVTQ_FUSED).
+FUSED_MIN_NUMEL = 1 << 14
+_compiled: dict[str, Any] = {}
+
+
+def _elementwise(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool):
+    """Codes, the in-range mask, distances ``d`` and ``y`` (``d``, or ``w_c`` when the step varies in a bin)."""
+    v = x / s
+    c = v.clamp(qmin, qmax)
+    inside = c == v
+    code = c.round()
+    d = torch.where(inside, (v - code) * s, 0.0)
+    y = d if (group or s.numel() == 1) else d + s * code
+    return code, inside, d, y
+
+
+def _stats_math(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, unbiased: bool, size_weighted: bool):
+    """``R`` and the per-bin tables ``ta = 2 c_j (+ 2/N)``, ``tb = 2 c_j ybar_j``, shaped ``[bins, *group]``."""
+    code, inside, d, y = _elementwise(x, s, qmin, qmax, group)
+    y64 = y.double()
+
+    def total(t: Tensor) -> Tensor:
+        return t.sum_to_size(s.shape) if group else t.sum()
+
+    masks = [code == j for j in range(qmin, qmax + 1)]
+    counts = torch.stack([total(m.double()) for m in masks])
+    sum_y = torch.stack([total(torch.where(m, y64, 0.0)) for m in masks])
+    sum_y2 = torch.stack([total(torch.where(m, y64 * y64, 0.0)) for m in masks])
+    n = x.numel()
+    mean_y = sum_y / counts.clamp_min(1.0)
+    ss = (sum_y2 - sum_y * mean_y).clamp_min(0.0)
+    denom = counts - 1.0 if unbiased else counts
+    coef = torch.where(counts > 1, 1.0 / denom.clamp_min(1.0), 0.0)
+    if size_weighted:
+        coef = coef * counts / n
+    one = group or s.numel() == 1
+    pull = sum_y2.sum() if one else (d.double() * d.double()).sum()
+    r = pull / n + (coef * ss).sum()
+    ta = 2.0 * coef + (2.0 / n if one else 0.0)
+    return r.to(x.dtype), ta.to(x.dtype), (2.0 * coef * mean_y).to(x.dtype)
+
+
+def _grad_math(x: Tensor, s: Tensor, grad: Tensor, ta: Tensor, tb: Tensor, qmin: int, qmax: int, group: bool):
+    """``dR/dx`` and ``dR/ds``: ``g = y ta_j - tb_j (+ 2 d / N when y = w_c)`` for the bin j of each weight."""
+    code, inside, d, y = _elementwise(x, s, qmin, qmax, group)
+    a = torch.zeros_like(x)
+    b = torch.zeros_like(x)
+    for k, j in enumerate(range(qmin, qmax + 1)):
+        m = code == j
+        a = torch.where(m, ta[k], a)
+        b = torch.where(m, tb[k], b)
+    g = y * a - b
+    if not (group or s.numel() == 1):
+        g = g + d * (2.0 / x.numel())
+    g = g * grad
+    return torch.where(inside, g, 0.0), torch.where(inside, 0.0, g * code).sum_to_size(s.shape)
+
+
+def _fused(name: str, *args):
+    """The compiled ``_stats_math`` / ``_grad_math``; if compiling fails, fused kernels are switched off for the
+    process (as in vvtq.quant.fake_quant, with one warning) and the same function runs eagerly."""
+    from vvtq.quant import fake_quant
+
+    eager = _stats_math if name == "stats" else _grad_math
+    if fake_quant.fused_kernels_mode() != "0":
+        try:
+            fn = _compiled.get(name)
+            if fn is None:
+                fn = _compiled[name] = torch.compile(eager, dynamic=True, fullgraph=True)
+            with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
+                return fn(*args)
+        except Exception as err:
+            fake_quant._fused_broken = True
+            warnings.warn(f"vvtq: fused (torch.compile) regularizer kernels unavailable, using eager PyTorch: "
+                          f"{type(err).__name__}: {str(err)[:200]}", RuntimeWarning, stacklevel=3)
+    return eager(*args)
+
+
+def _use_fused(x: Tensor, s: Tensor) -> bool:
+    from vvtq.quant import fake_quant  # lazy: keeps this module importable on its own
+
+    mode = fake_quant.fused_kernels_mode()
+    if mode == "0" or x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    return mode == "1" or x.numel() >= FUSED_MIN_NUMEL
 
 
 Pairs = Iterable[tuple[nn.Module, Any]]
