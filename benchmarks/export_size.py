@@ -40,7 +40,7 @@ def size_check(tmp: Path) -> dict:
     import timm
     from safetensors.torch import save_file
 
-    from vvtq.export import read_packed, size_table, write_packed
+    from vvtq.export import export_model, read_packed, size_table
     from vvtq.quant import QuantConfig, calibrate, quantize_model
 
     torch.manual_seed(0)
@@ -49,13 +49,11 @@ def size_check(tmp: Path) -> dict:
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(fp32))
     quantize_model(m, QuantConfig.preset("vvtq", 2))
     calibrate(m, [torch.randn(2, 3, 224, 224), torch.randn(2, 3, 224, 224)])
-    meta = {"model": "deit_tiny_patch16_224", "model_kwargs": {}, "img_size": 224, "mean": [0.485, 0.456, 0.406],
-            "std": [0.229, 0.224, 0.225], "classes": None, "quant": m.vvtq_config.to_dict()}
     out = {"model": "deit_tiny_patch16_224", "config": "vvtq W2A2 (8-bit patch embed / head)",
            "fp32_safetensors_bytes": fp32.stat().st_size}
     for tag, dt in (("float32", torch.float32), ("float16", torch.float16)):
         path = tmp / f"deit_tiny_{tag}.vvtq.safetensors"
-        write_packed(m.eval(), meta, path, fp_dtype=dt)
+        export_model(m.eval(), path, fp16=dt == torch.float16)  # the spec timm's config of the model implies
         pf = read_packed(path)
         out[f"fp_{tag}"] = {"packed_bytes": path.stat().st_size,
                             "ratio": path.stat().st_size / out["fp32_safetensors_bytes"],
@@ -68,8 +66,8 @@ def _model(name: str, bits: int, calib: torch.Tensor, checkpoints: str | None) -
     """(quantized model, checkpoint metadata or None, weights source, calibration) of one agreement check."""
     import timm
 
+    from vvtq.modelio import load_model
     from vvtq.quant import QuantConfig, calibrate, quantize_model
-    from vvtq.train.loop import load_model
 
     if checkpoints:  # a QAT-trained checkpoint of the accuracy study
         path = Path(checkpoints) / f"{name}_vvtq_w{bits}a{bits}_s0" / "last.safetensors"
@@ -98,9 +96,10 @@ def _batches(x: torch.Tensor, fn, bs: int = 500) -> torch.Tensor:
 def agreement(name: str, bits: int, limit: int | None, onnx_limit: int, tmp: Path,
               checkpoints: str | None = None) -> dict:
     from vvtq.data import EvalDataset, SubsetImageDataset, build_dataset
-    from vvtq.export import write_packed
+    from vvtq.export import export_model
     from vvtq.export.runtime import build_runtime, float64_reference, run_packed
     from vvtq.quant import set_integer_eval
+    from vvtq.spec import ModelSpec
 
     img = 28 if name == "mini_deit" else 32
     train, test = build_dataset("fashion_mnist", "train"), build_dataset("fashion_mnist", "test")
@@ -111,11 +110,11 @@ def agreement(name: str, bits: int, limit: int | None, onnx_limit: int, tmp: Pat
     x = torch.stack([ev[i][0] for i in range(n)])
     labels = torch.tensor([ev[i][1] for i in range(n)])
     torch.set_num_threads(1)
-    m, meta, source, calibration = _model(name, bits, calib, checkpoints)
-    meta = meta or {"model": name, "model_kwargs": {}, "img_size": img, "mean": list(test.mean),
-                    "std": list(test.std), "classes": list(test.classes), "quant": m.vvtq_config.to_dict()}
+    m, _, source, calibration = _model(name, bits, calib, checkpoints)
+    spec = getattr(m, "vvtq_spec", None) or ModelSpec(name, img_size=img, mean=list(test.mean),
+                                                      std=list(test.std), classes=list(test.classes))
     path = tmp / f"{name}_w{bits}.vvtq.safetensors"
-    write_packed(m, meta, path)
+    export_model(m, path, spec=spec)
     t = time.time()
     rt = build_runtime(path)
     y_rt = _batches(x, lambda b: run_packed(rt, b))

@@ -104,7 +104,7 @@ def train_check(name: str, size: int, device: torch.device, p: dict) -> dict:
     import vvtq
     from vvtq.data import MultiCropDataset, multicrop_collate
     from vvtq.distill import distill_loss
-    from vvtq.export.format import read_packed, write_packed
+    from vvtq.export.format import read_packed
     from vvtq.export.runtime import build_runtime
     from vvtq.regularize import ModelBinRegularizer
 
@@ -131,7 +131,7 @@ def train_check(name: str, size: int, device: torch.device, p: dict) -> dict:
         opt.step()
         teacher_losses.append(float(loss.detach()))
     teacher_s = time.time() - t0
-    student = timm.create_model(name, num_classes=CLASSES, in_chans=in_chans).to(device)
+    student = vvtq.build_model(name, {"num_classes": CLASSES, "in_chans": in_chans}).to(device)
     student.load_state_dict(teacher.state_dict())
     teacher.eval().requires_grad_(False)
     vvtq.quantize_model(student, vvtq.QuantConfig.preset("vvtq", wbits=2, abits=2))
@@ -160,12 +160,10 @@ def train_check(name: str, size: int, device: torch.device, p: dict) -> dict:
 
     student.eval()
     x = torch.stack([MultiCropDataset(data, 1, size, (1.0, 1.0), seed=1)[i][0][0] for i in range(256)])
-    meta = {"model": name, "model_kwargs": {"num_classes": CLASSES, "in_chans": in_chans},
-            "quant": student.vvtq_config.to_dict(), "img_size": size, "mean": list(data.mean), "std": list(data.std),
-            "classes": data.classes, "train_config": {}}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.vvtq.safetensors"
-        write_packed(student.cpu(), meta, path)
+        vvtq.export(student.cpu(), path, img_size=size, mean=list(data.mean), std=list(data.std),
+                    classes=list(data.classes))
         size_bytes = path.stat().st_size
         runtime = build_runtime(read_packed(path))
     with torch.no_grad():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vvtq.cli import main
 from vvtq.train import CheckpointError, ConfigError, TrainingError
@@ -217,3 +218,71 @@ def test_no_cuda_runtime_warning_on_a_cpu_machine(tmp_path):
     assert _CUDA_WARNING not in res.stderr + res.stdout
     assert "another message of that logger" in res.stderr  # the logger's other messages still show
     assert "usage: vvtq" in res.stdout and "mini_deit_fp" in res.stdout
+
+
+def _quantized_checkpoint(path: Path) -> Path:
+    """A small calibrated W2A2 mini DeiT checkpoint (no training), recorded on Fashion-MNIST's test split."""
+    import timm
+
+    import vvtq.models  # noqa: F401
+    from vvtq.checkpoint import save_checkpoint
+    from vvtq.quant import QuantConfig, calibrate, quantize_model
+    from vvtq.spec import ModelSpec
+
+    torch.manual_seed(0)
+    m = quantize_model(timm.create_model("mini_deit", depth=1), QuantConfig.preset("vvtq", 2))
+    calibrate(m, [torch.randn(8, 1, 28, 28)])
+    spec = ModelSpec("mini_deit", {"depth": 1}, img_size=28, mean=[0.286], std=[0.353]).with_quant(m.vvtq_config)
+    save_checkpoint(path, m.state_dict(), {**spec.to_dict(), "train_config": {"data": "fashion_mnist",
+                                                                           "val_split": "test"}})
+    return path
+
+
+def test_export_onnx_modes_then_eval_onnx(tmp_path, capsys):
+    """``vvtq export --onnx F --onnx-mode fast|qdq`` and ``vvtq eval --onnx F`` on the file's recorded dataset:
+    the fast and exact files score what the integer runtime scores (50 images: at most one flip)."""
+    ckpt = _quantized_checkpoint(tmp_path / "q.safetensors")
+    for mode in ("fast", "qdq"):
+        argv = ["export", str(ckpt), "--out", str(tmp_path / "q.vvtq.safetensors"), "--onnx",
+                str(tmp_path / f"{mode}.onnx")] + (["--onnx-mode", mode] if mode == "qdq" else [])
+        assert main(argv) == 0
+        assert ("integer-kernel (fast) ONNX" if mode == "fast" else "exact QDQ ONNX") in capsys.readouterr().out
+    assert main(["eval", "--packed", str(tmp_path / "q.vvtq.safetensors"), "--limit", "50"]) == 0
+    ref = float(re.search(r"top-1 ([\d.]+)%", capsys.readouterr().out).group(1))
+    for mode in ("fast", "qdq"):
+        assert main(["--threads", "1", "eval", "--onnx", str(tmp_path / f"{mode}.onnx"), "--limit", "50"]) == 0
+        out = capsys.readouterr().out
+        assert f"{mode} ONNX" in out and "50 fashion_mnist images at 28 px" in out, out
+        assert abs(float(re.search(r"top-1 ([\d.]+)%", out).group(1)) - ref) <= 2.0
+
+
+class _Patchify(torch.nn.Module):
+    """A tiny image model (conv, flatten) for ONNX files of a given channel count."""
+
+    def __init__(self, chans: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(chans, 4, 4, 4)
+
+    def forward(self, x):
+        return self.conv(x).flatten(1)
+
+
+def test_eval_onnx_refuses_bad_files_with_one_line(tmp_path, capsys):
+    from vvtq.export.onnx import save_onnx
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    rgb = tmp_path / "rgb.onnx"  # a 3-channel model: Fashion-MNIST's images have one channel
+    save_onnx(_Patchify(3).eval(), torch.zeros(2, 3, 28, 28), rgb, 18)
+    recorded = tmp_path / "recorded.onnx"  # a 28 px graph that records 32 px as its input size
+    save_onnx(_Patchify(1).eval(), torch.zeros(2, 1, 28, 28), recorded, 18,
+              {"vvtq.img_size": "32", "vvtq.data": '"fashion_mnist"'})
+    cases = [(bad, ["--data", "fashion_mnist"], "not an ONNX model onnxruntime can load"),
+             (rgb, [], "records no dataset; pass --data"),
+             (rgb, ["--data", "fashion_mnist"], "takes 3-channel 28x28 images; fashion_mnist gives 1-channel"),
+             (recorded, [], "takes 28x28 images but records 32 px"),
+             (tmp_path / "missing.onnx", ["--data", "fashion_mnist"], "no such file")]
+    for path, extra, message in cases:
+        assert main(["eval", "--onnx", str(path), "--limit", "4", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("vvtq: error:") and message in err[0], err

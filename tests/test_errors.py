@@ -36,6 +36,7 @@ def test_every_vvtq_exception_is_a_vvtq_error():
     ("vvtq.train.config.ConfigError", ValueError),
     ("vvtq.train.ConfigError", ValueError),
     ("vvtq.quant.QuantizerError", ValueError),
+    ("vvtq.checkpoint.CheckpointError", ValueError),
     ("vvtq.train.checkpoint.CheckpointError", ValueError),
     ("vvtq.train.loop.TrainingError", RuntimeError),
     ("vvtq.data.base.DatasetError", ValueError),

@@ -82,7 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data.splits import eval_split
-    from .train.loop import eval_loader, evaluate, load_model, resolve_device
+    from .device import resolve_device
+    from .evaluation import eval_loader, evaluate
+    from .modelio import load_model
 
     device = resolve_device(args.device)
     if args.packed:
@@ -91,8 +93,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         acc = evaluate_packed(args.packed, args.data, args.data_root, args.split, args.limit)
         print(f"{args.packed}: top-1 {acc:.2f}% (integer reference runtime)")
         return 0
+    if args.onnx:
+        from .export.onnx_runtime import evaluate_onnx
+
+        r = evaluate_onnx(args.onnx, args.data, args.data_root, args.split, args.limit,
+                          threads=args.threads or torch.get_num_threads())
+        kind = f", {r['mode']} ONNX" if r["mode"] else ""
+        print(f"{args.onnx}: top-1 {r['acc']:.2f}% (onnxruntime{kind}; {r['images']} {r['data']} images at "
+              f"{r['img_size']} px)")
+        return 0
     if not args.checkpoint:
-        raise ConfigError("vvtq eval needs --checkpoint CKPT or --packed FILE")
+        raise ConfigError("vvtq eval needs --checkpoint CKPT, --packed FILE or --onnx FILE")
     model, meta = load_model(args.checkpoint, device)
     data = args.data or meta["train_config"]["data"]
     root = args.data_root or meta["train_config"].get("data_root")
@@ -110,8 +121,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_softlabels(args: argparse.Namespace) -> int:
     from .data.splits import training_images
+    from .device import resolve_device
     from .distill import generate_softlabels
-    from .train.loop import load_model, resolve_device
+    from .modelio import load_model
 
     device = resolve_device(args.device)
     teacher, meta = load_model(args.teacher, device)
@@ -193,9 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="top-1 accuracy of a checkpoint or a packed export")
+    e = sub.add_parser("eval", help="top-1 accuracy of a checkpoint, a packed export or an ONNX file")
     e.add_argument("--checkpoint", help="a vvtq checkpoint (.safetensors)")
     e.add_argument("--packed", help="a packed export (.vvtq.safetensors) run by the integer runtime")
+    e.add_argument("--onnx", help="an ONNX file run by onnxruntime (CPU; --threads sets its threads); dataset, split "
+                   "and normalisation: the ones the file records, unless given")
     e.add_argument("--data", help="dataset: fashion_mnist or an image-folder root (default: the checkpoint's)")
     e.add_argument("--data-root", help="directory of the dataset files")
     e.add_argument("--split", help="split (default: the checkpoint's validation split)")
@@ -258,7 +272,11 @@ def _add_export(sub) -> None:
     x = sub.add_parser("export", help="pack a quantized checkpoint into integers (and ONNX)")
     x.add_argument("checkpoint", help="a quantized vvtq checkpoint")
     x.add_argument("--out", required=True, help="output file, e.g. model.vvtq.safetensors")
-    x.add_argument("--onnx", help="also write a QDQ ONNX model to this path")
+    x.add_argument("--onnx", help="also write an ONNX model to this path")
+    x.add_argument("--onnx-mode", choices=("fast", "qdq"), default="fast",
+                   help="fast (default): integer kernels in onnxruntime (MatMulIntegerToFloat), agrees with the "
+                   "integer runtime up to float rounding at code thresholds; qdq: QuantizeLinear/DequantizeLinear "
+                   "around float kernels, the runtime's arithmetic")
     x.add_argument("--fp16", action="store_true", help="store the FP remainder (LayerNorm, biases, tokens) as "
                    "float16: smaller, but no longer bit-matching the float32 model")
     x.set_defaults(func=cmd_export)

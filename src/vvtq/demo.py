@@ -3,8 +3,9 @@
 Steps: (1) the FP teacher: the checkpoint shipped in ``vvtq/assets`` (or, with ``--from-scratch``, one trained
 now by its shipped recipe ``mini_deit_fp_cls``); (2) its test accuracy; (3) W2A2 QAT from it with the
 ``vvtq`` preset, multi-crop distillation from the live teacher and the bin regularizer (the shipped recipe
-``demo_mini_deit_w2a2``); (4) the packed integer export of the W2A2 model, run by the integer
-runtime, and its agreement with the PyTorch model; (5) a table of FP vs W2A2 test accuracy, size and wall time.
+``demo_mini_deit_w2a2``); (4) the packed integer export of the W2A2 model, run by the integer runtime, and its
+agreement with the PyTorch model; its fast ONNX export (integer kernels) run by onnxruntime, its agreement with the
+runtime and its latency against the FP teacher's own ONNX; (5) a table of FP vs W2A2 test accuracy, size and time.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .train import TrainConfig, load_checkpoint, save_checkpoint, train
-from .train.checkpoint import CheckpointError
-from .train.loop import eval_loader, evaluate, load_model
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .evaluation import eval_loader, evaluate
+from .modelio import load_model
+from .train import TrainConfig, train
 
 ASSET = Path(__file__).parent / "assets" / "mini_deit_fmnist.safetensors"
 TEACHER_RECIPE, QAT_RECIPE = "mini_deit_fp_cls", "demo_mini_deit_w2a2"  # shipped in vvtq/recipes (package data)
@@ -50,6 +52,25 @@ def _logits(fn, loader) -> tuple[torch.Tensor, torch.Tensor]:
         out.append(fn(x).float())
         labels.append(y)
     return torch.cat(out), torch.cat(labels)
+
+
+def _fast_onnx(student, qmeta: dict, teacher, out_dir: Path, loader, test, img_size: int, batch: int = 64,
+               reps: int = 20) -> dict:
+    """Export the W2A2 model as fast ONNX (integer kernels) and the FP teacher as its own ONNX; the fast model's
+    logits on the test set, and both files' onnxruntime latency on one batch, side by side (2 threads)."""
+    from .export.onnx import export_onnx, save_onnx
+    from .export.onnx_runtime import latency_ms, onnx_metadata, onnx_session, run_session
+
+    fast, fp = out_dir / "model.fast.onnx", out_dir / "teacher.onnx"
+    info = export_onnx(student, fast, img_size, mode="fast", metadata=onnx_metadata(qmeta))
+    chans = next(iter(loader))[0].shape[1]
+    save_onnx(teacher.cpu().float().eval(), torch.zeros(2, chans, img_size, img_size), fp, 21)
+    sess = onnx_session(fast, threads=2)
+    logits = torch.cat([run_session(sess, x) for x, _ in loader])
+    x = torch.stack([loader.dataset[i % len(loader.dataset)][0] for i in range(batch)])
+    ms = latency_ms({"fp": fp, "fast": fast}, x, reps=reps, threads=2)
+    return {"logits": logits, "bytes": info["bytes"], "fp_ms": ms["fp"], "fast_ms": ms["fast"], "batch": batch,
+            "reps": reps}
 
 
 def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/demo", device: str = "auto") -> dict:
@@ -87,7 +108,8 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     result = train(qat_cfg)
     qat_time = time.time() - t
 
-    print("== 4/4  packed integer export of the W2A2 model, run by the integer runtime (vvtq.export.runtime)")
+    print("== 4/4  packed integer export of the W2A2 model, run by the integer runtime (vvtq.export.runtime), and "
+          "its fast ONNX export, run by onnxruntime")
     from .export import write_packed
     from .export.runtime import build_runtime, run_packed
 
@@ -101,12 +123,15 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     q_acc = 100.0 * (y_model.argmax(1) == labels).float().mean().item()
     rt_acc = 100.0 * (y_rt.argmax(1) == labels).float().mean().item()
     agree = int((y_model.argmax(1) == y_rt.argmax(1)).sum())
+    onnx = _fast_onnx(student, qmeta, teacher, out_dir / "w2a2", loader, test, meta["img_size"])
 
     rows = [
         ("FP32 teacher", fp_acc, model_size_bytes(teacher),
          "shipped" if teacher_time is None else f"{teacher_time / 60:.1f} min"),
         ("W2A2 (vvtq)", q_acc, model_size_bytes(student), f"{qat_time / 60:.1f} min"),
         ("W2A2 packed", rt_acc, packed.stat().st_size, "exported"),
+        ("W2A2 ONNX fast", 100.0 * (onnx["logits"].argmax(1) == labels).float().mean().item(), onnx["bytes"],
+         "exported"),
     ]
     print()
     print(f"{'model':<16}{'test top-1':>12}{'size':>12}{'train time':>14}")
@@ -115,7 +140,12 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     same = "identical logits" if torch.equal(y_model, y_rt) else \
         f"max logit difference {(y_model - y_rt).abs().max().item():.3g}"
     print(f"\nInteger runtime vs PyTorch model: {agree}/{len(labels)} predictions agree ({same}). Sizes: FP32 and "
-          "W2A2 count parameters (weights at their bit-width); the packed row is the file on disk.")
+          "W2A2 count parameters (weights at their bit-width); the packed and ONNX rows are the files on disk.")
+    onnx_agree = int((onnx["logits"].argmax(1) == y_rt.argmax(1)).sum())
+    print(f"Fast ONNX (integer kernels, onnxruntime) vs integer runtime: {onnx_agree}/{len(labels)} predictions "
+          f"agree (max logit difference {(onnx['logits'] - y_rt).abs().max().item():.3g}). onnxruntime, 2 threads, "
+          f"batch {onnx['batch']}, median of {onnx['reps']}, side by side: FP ONNX {onnx['fp_ms']:.1f} ms, W2A2 fast "
+          f"ONNX {onnx['fast_ms']:.1f} ms ({onnx['fast_ms'] / onnx['fp_ms']:.2f}x).")
     crops = result["step"] * qat_cfg.batch_size
     print(f"\nQAT budget: {crops} crops ({result['step']} steps). Test set: {len(test)} Fashion-MNIST images. "
           f"Total wall time {(time.time() - t0) / 60:.1f} min.")
@@ -123,4 +153,5 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
           f"{out_dir / 'w2a2' / 'metrics.jsonl'}; packed export {packed} (vvtq eval --packed ...)")
     return {"fp_acc": fp_acc, "w2a2_acc": q_acc, "fp_bytes": rows[0][2], "w2a2_bytes": rows[1][2],
             "packed_acc": rt_acc, "packed_bytes": rows[2][2], "runtime_agreement": agree / len(labels),
+            "onnx_agreement": onnx_agree / len(labels), "onnx_speed_ratio": onnx["fast_ms"] / onnx["fp_ms"],
             "qat_s": qat_time, "total_s": time.time() - t0}

@@ -7,7 +7,7 @@ stderr and exit status 2; anything else is a bug and keeps its traceback.
 
 The specific classes live next to the code that raises them: ``ConfigError`` (here: recipes, settings and
 command-line arguments, used by several layers), ``QuantizerError`` (``vvtq.quant.quantizers``),
-``CheckpointError`` (``vvtq.train.checkpoint``), ``TrainingError`` (``vvtq.train.loop``), ``DatasetError``
+``CheckpointError`` (``vvtq.checkpoint``), ``TrainingError`` (``vvtq.train``), ``DatasetError``
 (``vvtq.data.base``), ``SoftLabelError`` (``vvtq.distill.softlabels``), ``ExportFormatError``
 (``vvtq.export.format``).
 """

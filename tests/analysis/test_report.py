@@ -11,7 +11,6 @@ import torch
 
 import vvtq
 from vvtq.cli import main
-from vvtq.train import save_checkpoint
 
 KW = {"depth": 1, "in_chans": 3, "num_classes": 3}
 
@@ -35,16 +34,14 @@ def setup(tmp_path_factory):
             for i in range(n // 3):
                 img = (rng.random((28, 28, 3)) * 80 + 60 * c).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i}.png")
-    meta = {"model": "mini_deit", "model_kwargs": KW, "quant": None, "img_size": 28,
-            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-            "train_config": {"data": "image_folder", "data_root": str(root / "data"), "val_split": "test"},
-            "classes": ["class0", "class1", "class2"]}
+    spec = vvtq.ModelSpec("mini_deit", KW, img_size=28, classes=["class0", "class1", "class2"])
+    train_config = {"data": "image_folder", "data_root": str(root / "data"), "val_split": "test"}
     torch.manual_seed(0)
     fp = timm.create_model("mini_deit", **KW)
-    save_checkpoint(root / "fp.safetensors", fp.state_dict(), meta)
+    vvtq.save_model(fp, root / "fp.safetensors", spec, train_config=train_config)
     qm = vvtq.quantize_model(copy.deepcopy(fp), vvtq.QuantConfig.preset("vvtq", wbits=2))
     vvtq.calibrate(qm, [torch.randn(8, 3, 28, 28)])
-    save_checkpoint(root / "q.safetensors", qm.state_dict(), {**meta, "quant": qm.vvtq_config.to_dict()})
+    vvtq.save_model(qm, root / "q.safetensors", spec, train_config=train_config)
     with open(root / "metrics.jsonl", "w") as f:
         for step in range(1, 6):
             rec = {"type": "step", "step": step * 10, "loss": 1.0, "osc/overall": 0.01 * step,

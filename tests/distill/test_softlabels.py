@@ -9,13 +9,18 @@ from torch import nn
 from vvtq.data import (
     ArrayImageDataset,
     CropBox,
-    ReplayCropDataset,
     SubsetImageDataset,
     apply_crop,
     normalize,
+)
+from vvtq.distill import (
+    ReplayCropDataset,
+    SoftLabelError,
+    SoftLabelFile,
+    expand_probs,
+    generate_softlabels,
     replay_collate,
 )
-from vvtq.distill import SoftLabelError, SoftLabelFile, expand_probs, generate_softlabels
 
 N, M, K, S, C = 5, 6, 3, 12, 7
 

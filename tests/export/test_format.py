@@ -13,12 +13,13 @@ import timm
 import torch
 
 import vvtq.models  # noqa: F401  (registers mini_deit / mini_swin)
+from vvtq.checkpoint import save_checkpoint
 from vvtq.cli import main
 from vvtq.export import ExportFormatError, read_packed, size_table, unpack, write_packed
 from vvtq.export.format import META_KEY, header_metadata
 from vvtq.export.runtime import build_runtime
 from vvtq.quant import QuantConfig, QuantLinear, calibrate, quantize_model
-from vvtq.train.checkpoint import save_checkpoint
+from vvtq.spec import ModelSpec
 
 torch.set_num_threads(1)
 
@@ -28,9 +29,9 @@ def _model(bits: int = 2, **kw) -> tuple[torch.nn.Module, dict]:
     m = timm.create_model("mini_deit", depth=2, **kw)
     quantize_model(m, QuantConfig.preset("vvtq", bits))
     calibrate(m, [torch.randn(8, 1, 28, 28)])
-    meta = {"model": "mini_deit", "model_kwargs": {"depth": 2, **kw}, "img_size": 28, "mean": [0.286],
-            "std": [0.353], "classes": [str(i) for i in range(10)], "quant": m.vvtq_config.to_dict(),
-            "train_config": {"data": "fashion_mnist", "val_split": "test"}}
+    spec = ModelSpec("mini_deit", {"depth": 2, **kw}, img_size=28, mean=[0.286], std=[0.353],
+                     classes=[str(i) for i in range(10)]).with_quant(m.vvtq_config)
+    meta = {**spec.to_dict(), "train_config": {"data": "fashion_mnist", "val_split": "test"}}
     return m.eval(), meta
 
 

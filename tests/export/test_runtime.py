@@ -1,4 +1,5 @@
-"""The integer reference runtime agrees with the fake-quantized PyTorch model (mini DeiT / Swin, W2A2 / W4A4).
+"""The integer reference runtime agrees with the fake-quantized PyTorch model (mini DeiT / Swin, W2A2 / W4A4;
+tiny SwinV2 and EVA-02 with both presets, after a training step).
 
 Models are calibrated on a few Fashion-MNIST training batches (no QAT steps, to stay fast) and compared on the
 first test images:
@@ -19,6 +20,7 @@ from vvtq.export import write_packed
 from vvtq.export.runtime import IntAttention, IntLinear, build_runtime, float64_reference, run_packed
 from vvtq.quant import QuantConfig, calibrate, quantize_model
 from vvtq.quant.modules import set_integer_eval
+from vvtq.spec import ModelSpec
 
 torch.set_num_threads(1)
 
@@ -37,15 +39,41 @@ def data():
     return out
 
 
-def _check(name: str, cfg: QuantConfig, data, tmp_path, n: int) -> dict:
-    img = 28 if name == "mini_deit" else 32
+# tiny SwinV2 (cosine attention, continuous position bias, post-norm) and EVA-02 (RoPE, SwiGLU; fused and
+# separate q/k/v) from timm's own classes, recorded in the file as model name + kwargs
+TINY = {
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=32, window_size=4, embed_dim=24, depths=[2, 2],
+                                               num_heads=[2, 4], in_chans=1, num_classes=10)),
+    "eva02": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=4, embed_dim=48, depth=2, num_heads=2,
+                                             in_chans=1, num_classes=10)),
+    "eva02_split": ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=4, embed_dim=48, depth=2, num_heads=2,
+                                                   in_chans=1, num_classes=10, qkv_fused=False, scale_mlp=True)),
+}
+
+
+def _train_step(m: torch.nn.Module, x: torch.Tensor) -> None:
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    out = m.train()(x)
+    (out.logsumexp(-1).mean() - out[:, 0].mean()).backward()
+    opt.step()
+
+
+def _check(name: str, cfg: QuantConfig, data, tmp_path, n: int, train: bool = False) -> dict:
+    name, kwargs = TINY.get(name, (name, {}))
+    img = kwargs.get("img_size", 28 if name == "mini_deit" else 32)
     calib, test = data[img][0], data[img][1][:n]
     torch.manual_seed(0)
-    m = quantize_model(timm.create_model(name), cfg)
+    m = timm.create_model(name, **kwargs)
+    if kwargs:  # timm starts these heads near zero: give the logits an ordinary scale
+        head = m.head.fc if hasattr(m.head, "fc") else m.head
+        torch.nn.init.normal_(head.weight, std=0.5)
+    m = quantize_model(m, cfg)
     calibrate(m, [calib[:32], calib[32:]])
+    if train:
+        _train_step(m, calib[:16])
     m.eval()
-    meta = {"model": name, "model_kwargs": {}, "img_size": img, "mean": [0.286], "std": [0.353],
-            "classes": None, "quant": cfg.to_dict()}
+    meta = ModelSpec(name, model_kwargs=kwargs, img_size=img, mean=[0.286], std=[0.353],
+                     quant=cfg.to_dict()).to_dict()
     path = tmp_path / f"{name}.vvtq.safetensors"
     write_packed(m, meta, path)
     rt = build_runtime(path)
@@ -72,6 +100,20 @@ def _check(name: str, cfg: QuantConfig, data, tmp_path, n: int) -> dict:
                                          ("mini_swin", 4, 32)])
 def test_runtime_matches_fake_quant(name, bits, n, data, tmp_path):
     _check(name, QuantConfig.preset("vvtq", bits), data, tmp_path, n)
+
+
+@pytest.mark.parametrize("preset", ["vvtq", "lsq"])
+@pytest.mark.parametrize("name", ["swinv2", "eva02", "eva02_split"])
+def test_runtime_matches_swinv2_and_eva02(name, preset, data, tmp_path):
+    out = _check(name, QuantConfig.preset(preset, 2), data, tmp_path, 32, train=True)
+    attn = [a for a in out["rt"].modules() if isinstance(a, IntAttention)]
+    assert attn and all(a.split == (preset == "vvtq") for a in attn)
+    if name == "swinv2":  # the float parts of cosine attention came from the file
+        src = out["model"].layers[0].blocks[0].attn
+        assert torch.equal(attn[0].logit_scale, src.logit_scale.detach())
+        assert torch.equal(attn[0].rel_pos.cpb_mlp[0].weight, src.rel_pos.cpb_mlp[0].weight.detach())
+    if name == "eva02" and preset == "lsq":  # bias-free fused qkv: the q / v biases travel as FP tensors
+        assert torch.equal(attn[0].v_bias, out["model"].blocks[0].attn.v_bias.detach())
 
 
 def test_fused_attention_path_and_lsq_preset(data, tmp_path):

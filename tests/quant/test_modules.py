@@ -6,7 +6,7 @@ import timm
 import torch
 
 import vvtq.models  # noqa: F401
-from vvtq.quant import QuantConfig, calibrate, iter_act_quantizers, modules, quantize_model
+from vvtq.quant import QuantConfig, attention, calibrate, iter_act_quantizers, modules, quantize_model
 from vvtq.quant import fake_quant as fq
 from vvtq.quant.modules import set_integer_eval
 
@@ -37,7 +37,7 @@ def calls(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(modules, "int_linear", count("linear", modules.int_linear))
-    monkeypatch.setattr(modules, "int_attention", count("attention", modules.int_attention))
+    monkeypatch.setattr(attention, "int_attention", count("attention", attention.int_attention))
     return n
 
 

@@ -89,7 +89,7 @@ def _cli(*args: str) -> list[str]:
 _KILL_CHILD = """
 import json, os, signal, sys
 from pathlib import Path
-import vvtq.train.checkpoint as ck
+import vvtq.checkpoint as ck
 from vvtq.cli import main
 
 kill_at, real_save = int(os.environ["KILL_AT_STEP"]), ck.save_file
@@ -203,7 +203,7 @@ def test_quantizer_parameters_get_their_own_lr():
 
 
 def test_ensemble_teacher_averages_probabilities_at_each_input_size(tmp_path):
-    from vvtq.train.loop import load_teacher
+    from vvtq.modelio import load_teacher
 
     train(TrainConfig.from_yaml(FP, TINY + ["max_steps=1", f"out={tmp_path / 'd'}"]))
     train(TrainConfig.from_yaml("mini_swin_fp", TINY + ["max_steps=1", f"out={tmp_path / 's'}"]))

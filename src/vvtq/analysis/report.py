@@ -371,7 +371,8 @@ def analyze(model: nn.Module, meta: dict[str, Any], calib: list, evalb: list, ou
 # ------------------------------------------------------------------------------------------------ CLI
 def run_analyze(args: argparse.Namespace) -> dict[str, Any]:
     """The ``vvtq analyze`` command (see ``vvtq analyze --help``)."""
-    from ..train.loop import load_model, resolve_device
+    from ..device import resolve_device
+    from ..modelio import load_model
 
     device = resolve_device(args.device)
     model, meta = load_model(args.checkpoint, device)

@@ -26,9 +26,7 @@ from vvtq.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, find_classes
 from vvtq.data.multicrop import (
     EvalDataset,
     MultiCropDataset,
-    ReplayCropDataset,
     multicrop_collate,
-    replay_collate,
 )
 from vvtq.data.transforms import (
     CropBox,
@@ -83,7 +81,6 @@ __all__ = [
     "ImageDataset",
     "ImageFolderDataset",
     "MultiCropDataset",
-    "ReplayCropDataset",
     "SubsetImageDataset",
     "apply_crop",
     "box_to_pixels",
@@ -96,7 +93,6 @@ __all__ = [
     "multicrop_collate",
     "normalize",
     "read_idx",
-    "replay_collate",
     "resize_full",
     "sample_crop",
     "write_idx",

@@ -1,4 +1,5 @@
-"""``vvtq export CKPT --out FILE [--onnx FILE] [--fp16]``: pack a quantized checkpoint, print the size table."""
+"""``vvtq export CKPT --out FILE [--onnx FILE [--onnx-mode fast|qdq]] [--fp16]``: pack a quantized checkpoint, print
+the size table, and optionally write an ONNX model (``fast``: integer kernels; ``qdq``: exact QDQ)."""
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,8 @@ from .format import ExportFormatError, format_size_table, read_packed, size_tabl
 
 
 def run_export(args: argparse.Namespace) -> None:
-    """Write the packed export (and optionally the QDQ ONNX model) of ``args.checkpoint``."""
-    from ..train.loop import load_model
+    """Write the packed export (and optionally the ONNX model) of ``args.checkpoint``."""
+    from ..modelio import load_model
 
     model, meta = load_model(args.checkpoint, "cpu")
     if meta.get("quant") is None:
@@ -28,6 +29,9 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {size:,} bytes; FP32 weights {fp32:,} bytes; ratio {fp32 / size:.2f}x{note}")
     if getattr(args, "onnx", None):
         from .onnx import export_onnx
+        from .onnx_runtime import onnx_metadata
 
-        info = export_onnx(model, Path(args.onnx), int(meta["img_size"]))
-        print(f"wrote {info['path']}: QDQ ONNX, opset {info['opset']}, {info['bytes']:,} bytes")
+        mode = getattr(args, "onnx_mode", None) or "fast"
+        info = export_onnx(model, Path(args.onnx), int(meta["img_size"]), mode=mode, metadata=onnx_metadata(meta))
+        kind = "integer-kernel (fast)" if mode == "fast" else "exact QDQ"
+        print(f"wrote {info['path']}: {kind} ONNX, opset {info['opset']}, {info['bytes']:,} bytes")

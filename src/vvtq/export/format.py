@@ -207,7 +207,7 @@ def header_metadata(header: dict[str, Any]) -> dict[str, str]:
 def write_packed(model: nn.Module, meta: dict[str, Any], path: str | Path,
                  fp_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Write the packed export of ``model`` to ``path`` atomically; return its header."""
-    from ..train.checkpoint import atomic_save_file
+    from ..checkpoint import atomic_save_file
 
     tensors, header = build_export(model, meta, fp_dtype)
     blobs = encode_blobs(tensors, header)

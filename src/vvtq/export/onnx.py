@@ -200,37 +200,57 @@ def onnx_ready(model: nn.Module) -> nn.Module:
     return m
 
 
+MODES = ("fast", "qdq")
+
+
 def export_onnx(model: nn.Module, path: str | Path, img_size: int, in_chans: int | None = None,
-                batch: int = 2) -> dict[str, Any]:
-    """Write ``model`` (quantized, calibrated) as a QDQ ONNX file with a dynamic batch axis; return info."""
-    m = onnx_ready(model)
+                batch: int = 2, mode: str = "qdq", metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write ``model`` (quantized, calibrated) as an ONNX file with a dynamic batch axis; return info.
+
+    ``mode``: ``"qdq"`` (this module: exact, float kernels) or ``"fast"`` (``vvtq.export.onnx_fast``: integer
+    kernels). ``metadata``: string properties stored in the file (``vvtq eval --onnx`` reads ``vvtq.*``)."""
+    if mode not in MODES:
+        raise ValueError(f"ONNX mode must be one of {MODES}; got {mode!r}")
     if in_chans is None:
-        conv = next(mod for mod in m.modules() if isinstance(mod, OnnxConv2d))
-        in_chans = (conv.wq.codes if conv.wq is not None else conv.weight).shape[1]
-    x = torch.zeros(batch, in_chans, img_size, img_size)
+        in_chans = next(mod for mod in model.modules() if isinstance(mod, nn.Conv2d)).in_channels
+    if mode == "fast":
+        from .onnx_fast import OPSET_FAST, fast_ready
+
+        m, opset = fast_ready(model), OPSET_FAST
+    else:
+        m, opset = onnx_ready(model), OPSET
+    save_onnx(m, torch.zeros(batch, in_chans, img_size, img_size), path, opset,
+              {"vvtq.onnx_mode": mode, **(metadata or {})})
+    path = Path(path)
+    return {"path": str(path), "opset": opset, "mode": mode, "bytes": path.stat().st_size}
+
+
+def save_onnx(m: nn.Module, x: Tensor, path: str | Path, opset: int, metadata: dict[str, str] | None = None) -> None:
+    """``torch.onnx.export`` (dynamo) of ``m`` on ``x`` (input ``images``, output ``logits``, dynamic batch), one
+    self-contained file written atomically, with ``metadata`` as the model's metadata properties."""
+    import onnx
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        prog = torch.onnx.export(m, (x,), dynamo=True, opset_version=OPSET, input_names=["images"],
+        prog = torch.onnx.export(m, (x,), dynamo=True, opset_version=opset, input_names=["images"],
                                  output_names=["logits"], dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
                                  external_data=False, verbose=False, report=False)
         prog.save(str(tmp))
+        if metadata:
+            proto = onnx.load(str(tmp))
+            for key, value in metadata.items():
+                proto.metadata_props.add(key=key, value=str(value))
+            onnx.save(proto, str(tmp))
         tmp.replace(path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return {"path": str(path), "opset": OPSET, "bytes": path.stat().st_size}
 
 
 def run_onnx(path: str | Path, x: Tensor) -> Tensor:
     """Logits from onnxruntime (CPU, one thread) for a batch of normalised images."""
-    import onnxruntime as ort
+    from .onnx_runtime import onnx_session, run_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    out = sess.run(None, {name: x.float().numpy()})[0]
-    # copy: onnxruntime's array keeps the whole session (its memory arena, ~0.7 GB for the mini Swin) alive
-    return torch.tensor(out)
+    return run_session(onnx_session(path, threads=1), x)

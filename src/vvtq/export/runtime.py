@@ -1,7 +1,9 @@
 """Integer reference runtime: runs a packed export (``vvtq.export.format``) with no training code or state.
 
 The structure comes from ``timm.create_model`` (the architecture recorded in the header); every quantized
-layer and every attention block is then replaced by the runtime's own modules, fed from the file:
+layer and every attention block is then replaced by the runtime's own modules, fed from the file. The walk is the
+QAT conversion's: the rule table ``vvtq.quant.rules``, with this module's factory (``_FileFactory``); attention
+is ``vvtq.quant.attention.AttentionCore``, the arithmetic the quantized model evaluates with.
 
 - activation codes, exactly as the training quantizer: ``c = clamp(round((x - beta) / s), Qn, Qp)`` (round half
   to even), per tensor / channel / head group;
@@ -12,9 +14,11 @@ layer and every attention block is then replaced by the runtime's own modules, f
       A[o, g] = sum_{i in g} c_x[i] * c_w[o, i]        (integer accumulation)
       S[o, g] = sum_{i in g} c_w[o, i]                 (integer column sums: the offset folded out)
 
-- attention: ``logits = scale * s_q[h] s_k[h] * (C_q @ C_k^T) + bias``; softmax in float;
+- attention: ``logits = alpha[h] * s_q[h] s_k[h] * (C_q @ C_k^T) + bias``; softmax in float;
   ``out = s_p[h] s_v[h] * (C_p @ C_v)`` (with the softmax-output quantizer off: ``softmax @ (s_v C_v)``);
-- LayerNorm, softmax, GELU, residual adds, pooling, position embeddings in float.
+  ``alpha`` is ``1/sqrt(d)``, or SwinV2's learned logit scale on L2-normalised q and k;
+- LayerNorm, softmax, GELU / SiLU, residual adds, pooling, position embeddings (absolute, relative, SwinV2's bias
+  MLP, EVA-02's RoPE) in float.
 
 Arithmetic: float32 by default (``dtype``). The integer accumulations are exact: in float32 when every partial sum
 is provably below 2^24, else in float64 (below 2^53 for any 8-bit layer) and rounded once; see ``intmath``.
@@ -35,12 +39,13 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from ..quant.intmath import QT, QWeight, int_attention, int_conv2d, int_linear, quantize
-from ..quant.modules import attention_bias, set_integer_eval
+from ..quant.attention import AttentionCore, AttentionSpec
+from ..quant.intmath import QT, QWeight, int_conv2d, int_linear, quantize
+from ..quant.modules import set_integer_eval
+from ..quant.quantizers import QuantizerError
+from ..quant.rules import Site, apply_rules
 from .format import ExportFormatError, PackedFile, read_packed
 from .packing import code_range
-
-_CLASSIFIER_PATHS = ("head", "head_dist", "head.fc")
 
 
 # --------------------------------------------------------------------------- quantized tensors
@@ -138,66 +143,33 @@ class IntConv2d(IntLinear):
         return int_conv2d(x, self.qweight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-class IntAttention(nn.Module):
-    """Multi-head attention on integer codes (ViT/DeiT ``Attention``, Swin ``WindowAttention``)."""
+class IntAttention(AttentionCore):
+    """Multi-head attention on integer codes: ``AttentionCore``'s arithmetic (shared with the QAT model), with
+    the activation scales and the projections read from the file; the float parts (norms, position tables,
+    SwinV2's logit scale) come from the architecture's rule and are loaded with the other FP tensors."""
 
-    def __init__(self, pf: PackedFile, path: str, src: nn.Module):
-        super().__init__()
-        layers = pf.header["layers"]
-        self.num_heads = int(src.num_heads)
-        self.split = f"{path}.q" in layers
-        qkv_out = src.qkv.out_features
-        self.head_dim = qkv_out // (3 * self.num_heads)
-        self.attn_dim = self.num_heads * self.head_dim
-        self.scale = float(src.scale)
-        quantizers = pf.header["quantizers"]
+    def __init__(self, pf: PackedFile, path: str, spec: AttentionSpec):
+        layers, quantizers = pf.header["layers"], pf.header["quantizers"]
 
         def act(name: str) -> ActQuant | None:
             full = f"{path}.{name}"
             return ActQuant(quantizers[full]) if full in quantizers else None
 
-        self.input_quant = act("input_quant")
-        for key in (("q", "k", "v") if self.split else ("qkv",)):
-            setattr(self, key, IntLinear(pf, f"{path}.{key}"))
-        self.q_quant, self.k_quant, self.v_quant = act("q_quant"), act("k_quant"), act("v_quant")
-        self.attn_quant = act("attn_quant")
-        self.q_norm = getattr(src, "q_norm", nn.Identity())
-        self.k_norm = getattr(src, "k_norm", nn.Identity())
-        self.norm = getattr(src, "norm", nn.Identity())
-        self.proj = IntLinear(pf, f"{path}.proj")
-        self.rel_pos = None
-        if hasattr(src, "relative_position_bias_table"):
-            for child in ("qkv", "proj", "attn_drop", "proj_drop", "softmax", "q_norm", "k_norm", "norm"):
-                if hasattr(src, child):
-                    delattr(src, child)
-            self.rel_pos = src
+        keys = ("q", "k", "v") if f"{path}.q" in layers else ("qkv",)
+        qv_bias = None
+        if keys == ("qkv",) and f"{path}.q_bias" in pf.tensors:  # a bias-free fused qkv with q / v biases
+            d = spec.num_heads * spec.head_dim
+            qv_bias = tuple(nn.Parameter(torch.zeros(d), requires_grad=False) for _ in range(2))
+        qkv = {key: IntLinear(pf, f"{path}.{key}") for key in keys}
+        super().__init__(spec, input_quant=act("input_quant"), qkv=qkv,
+                         q_quant=act("q_quant"), k_quant=act("k_quant"), v_quant=act("v_quant"),
+                         attn_quant=act("attn_quant"), proj=IntLinear(pf, f"{path}.proj"), qv_bias=qv_bias)
 
-    def _heads(self, t: Tensor, B: int, N: int) -> Tensor:
-        return t.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+    def _integer_now(self, x: Tensor) -> bool:
+        return True
 
-    def _bias(self, N: int, B: int, mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-        return attention_bias(self.rel_pos, self.num_heads, N, B, mask, dtype=dtype)
-
-    @staticmethod
-    def _run(q: ActQuant | None, t: Tensor) -> Tensor | QT:
-        return t if q is None else q(t)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None, attn_mask: Tensor | None = None,
-                is_causal: bool = False) -> Tensor:
-        if is_causal:
-            raise NotImplementedError("the vvtq runtime does not support causal masks")
-        B, N, _ = x.shape
-        xq = self._run(self.input_quant, x)
-        if self.split:
-            q, k, v = (self._heads(layer(xq), B, N) for layer in (self.q, self.k, self.v))
-        else:
-            q, k, v = self.qkv(xq).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = self._run(self.q_quant, q), self._run(self.k_quant, k), self._run(self.v_quant, v)
-        bias = self._bias(N, B, mask if mask is not None else attn_mask, x.dtype)
-        out = int_attention(q, k, v, self.scale, bias, self.attn_quant)
-        out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
-        return self.proj(out)
+    def _codes(self, quant: ActQuant | None, x: Tensor) -> Tensor | QT:
+        return x if quant is None else quant(x)
 
 
 class IntMlpLayer(IntLinear):
@@ -260,33 +232,26 @@ def build_runtime(pf: PackedFile | str | Path, dtype: torch.dtype = torch.float3
     return model
 
 
+class _FileFactory:
+    """The runtime's factory for the rule table (``vvtq.quant.rules``): layers and attention read from the file."""
+
+    def __init__(self, pf: PackedFile):
+        self.pf = pf
+
+    def layer(self, module: nn.Module, path: str, site: Site) -> nn.Module:
+        if path not in self.pf.header["layers"]:
+            return module
+        return IntConv2d(self.pf, path) if site.conv else IntMlpLayer(self.pf, path)
+
+    def attention(self, spec: AttentionSpec, path: str) -> nn.Module:
+        return IntAttention(self.pf, path, spec)
+
+
 def _replace(model: nn.Module, pf: PackedFile) -> None:
-    from timm.layers import Attention, Mlp, PatchEmbed
-    from timm.models.swin_transformer import PatchMerging, WindowAttention
-
-    layers = pf.header["layers"]
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        for cname, child in list(module.named_children()):
-            path = prefix + cname
-            if isinstance(child, (Attention, WindowAttention)):
-                setattr(module, cname, IntAttention(pf, path, child))
-            elif isinstance(child, Mlp) and f"{path}.fc1" in layers:
-                child.fc1 = IntMlpLayer(pf, f"{path}.fc1")
-                child.fc2 = IntMlpLayer(pf, f"{path}.fc2")
-            elif isinstance(child, PatchEmbed) and f"{path}.proj" in layers:
-                child.proj = IntConv2d(pf, f"{path}.proj")
-            elif isinstance(child, PatchMerging) and f"{path}.reduction" in layers:
-                child.reduction = IntMlpLayer(pf, f"{path}.reduction")
-            else:
-                visit(child, path + ".")
-
-    visit(model, "")
-    for path in _CLASSIFIER_PATHS:
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        if isinstance(getattr(parent, attr, None), nn.Linear) and path in layers:
-            setattr(parent, attr, IntMlpLayer(pf, path))
+    try:
+        apply_rules(model, _FileFactory(pf))
+    except QuantizerError as exc:
+        raise ExportFormatError(f"{pf.path}: {exc}") from None
 
 
 @torch.no_grad()

@@ -1,27 +1,73 @@
-"""The one surgery pass: ``quantize_model(model, config)`` converts a timm ViT / DeiT / Swin in place.
+"""The one surgery pass: ``quantize_model(model, config)`` converts a timm ViT / DeiT / Swin / SwinV2 / EVA-02
+model in place, driven by the rule table (``vvtq.quant.rules``, read by the export runtime as well).
 
-Rules, one per timm building block (docs/METHOD.md §3):
-- ``Attention`` / ``WindowAttention`` -> ``QuantAttention`` (qkv split losslessly into q, k, v when asked);
-- ``Mlp``: ``fc1`` with the MLP-input quantizer, ``fc2`` with the GELU-output quantizer;
+This module is the QAT factory of that table (docs/METHOD.md §3):
+- an attention block -> ``QuantAttention``: q, k, v split losslessly into three projections (``split_qkv``) or
+  kept fused, activation quantizers on the block input, q, k, v, the softmax output and attn@v;
+- an MLP: ``fc1`` (SwiGLU: ``fc1_g`` and ``fc1_x``) with the MLP-input quantizer, ``fc2`` with the hidden
+  activation's quantizer (GELU output: the config's rule; SwiGLU's gated product: signed);
 - ``PatchEmbed.proj``, ``PatchMerging.reduction`` and the classifier(s) at ``edge_bits``.
-LayerNorm, softmax, GELU, residual adds, position embeddings and the class token stay in floating point.
+LayerNorm, softmax, GELU / SiLU, residual adds, position embeddings (absolute, relative, RoPE), the class token,
+SwinV2's cosine normalisation, logit scale and position-bias MLP stay in floating point.
 """
 from __future__ import annotations
 
 import torch
-from timm.layers import Attention, Mlp, PatchEmbed
-from timm.models.swin_transformer import PatchMerging, WindowAttention
-from torch import nn
+from torch import Tensor, nn
 
+from .attention import AttentionSpec
 from .config import QuantConfig
 from .modules import QuantAttention, QuantConv2d, QuantLinear
 from .quantizers import Quantizer, QuantizerError
+from .rules import Site, apply_rules
 
-_CLASSIFIER_PATHS = ("head", "head_dist", "head.fc")
+
+def _new_linear(weight: Tensor, bias: Tensor | None, like: nn.Parameter) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                      dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.weight.requires_grad_(like.requires_grad)
+    return layer
 
 
-class _Builder:
-    """Makes quantizers for one model from one config, naming each by its module path."""
+def split_projections(spec: AttentionSpec) -> dict[str, nn.Linear]:
+    """q, k and v as three linears (a fused qkv cut in three, losslessly). A key bias is frozen: ``q.(k + b)``
+    shifts every logit of a query equally, so softmax ignores it, and its gradient is rounding noise that Adam
+    would turn into full-size steps."""
+    if "q" in spec.linears:
+        layers = dict(spec.linears)
+    else:
+        src, d = spec.linears["qkv"], spec.num_heads * spec.head_dim
+        w = src.weight.detach()
+        if src.bias is not None:
+            biases = [src.bias.detach()[i * d:(i + 1) * d] for i in range(3)]
+        elif spec.qv_bias is not None:
+            biases = [spec.qv_bias[0].detach(), None, spec.qv_bias[1].detach()]
+        else:
+            biases = [None] * 3
+        layers = {key: _new_linear(w[i * d:(i + 1) * d], biases[i], src.weight) for i, key in enumerate("qkv")}
+    if layers["k"].bias is not None and spec.rope_prefix is None and spec.logit_scale is None:
+        layers["k"].bias.requires_grad_(False)
+    return layers
+
+
+def fused_projection(spec: AttentionSpec) -> tuple[nn.Linear, tuple[Tensor, Tensor] | None]:
+    """One qkv linear (separate projections stacked, losslessly) and the q / v biases it does not hold."""
+    if "qkv" in spec.linears:
+        return spec.linears["qkv"], spec.qv_bias
+    q, k, v = (spec.linears[key] for key in "qkv")
+    w = torch.cat([layer.weight.detach() for layer in (q, k, v)])
+    if k.bias is None and q.bias is not None:  # EVA: no key bias; q and v keep theirs outside the matmul
+        return _new_linear(w, None, q.weight), (q.bias, v.bias)
+    b = None if q.bias is None else torch.cat([layer.bias.detach() for layer in (q, k, v)])
+    return _new_linear(w, b, q.weight), None
+
+
+class _QatFactory:
+    """Makes quantizers and quantized layers for one model from one config, naming each by its module path."""
 
     def __init__(self, config: QuantConfig):
         self.cfg = config
@@ -49,97 +95,53 @@ class _Builder:
                                                            heads=heads, **act_kw)
         return QuantLinear(layer, wq, iq)
 
-    def attention(self, src: nn.Module, path: str) -> QuantAttention:
-        if getattr(src, "gate", None) is not None:
-            raise QuantizerError(f"{path}: gated attention is not supported by vvtq")
-        heads, head_dim = src.num_heads, src.qkv.out_features // (3 * src.num_heads)
-        attn_dim = heads * head_dim
-        if src.qkv.out_features != 3 * attn_dim:
-            raise QuantizerError(f"{path}: the head count ({heads}) does not divide the qkv width "
-                                 f"({src.qkv.out_features // 3})")
+    def layer(self, module: nn.Module, path: str, site: Site) -> nn.Module:
+        """A rule's linear / convolution site, quantized."""
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            return module
+        if site.conv:
+            wq = self.weight(path, site.kind, module.weight.shape)
+            iq = self.act(f"{path}.input_quant", site.in_kind, module.in_channels, axis=1)
+            return QuantConv2d(module, wq, iq)
+        act_kw = {"signed": self.cfg.gelu_signed, "offset": self.cfg.gelu_offset} if site.act == "gelu" else {}
+        return self.linear(module, path, site.kind, site.in_kind, **act_kw)
+
+    def attention(self, spec: AttentionSpec, path: str) -> QuantAttention:
+        """A rule's attention block, quantized (q/k/v split or fused as the config says)."""
+        heads = spec.num_heads
+        qv_bias = None
         if self.cfg.split_qkv:
-            w, b = src.qkv.weight.detach(), src.qkv.bias
-            qkv = {}
-            for i, key in enumerate("qkv"):
-                layer = nn.Linear(src.qkv.in_features, attn_dim, bias=b is not None,
-                                  device=w.device, dtype=w.dtype)
-                with torch.no_grad():
-                    layer.weight.copy_(w[i * attn_dim:(i + 1) * attn_dim])
-                    if b is not None:
-                        layer.bias.copy_(b.detach()[i * attn_dim:(i + 1) * attn_dim])
-                layer.weight.requires_grad_(src.qkv.weight.requires_grad)
-                if key == "k" and layer.bias is not None:
-                    # q.(k + b) shifts every logit of a query equally, so softmax ignores the key bias: its
-                    # gradient is rounding noise, which Adam would turn into full-size steps. Keep it fixed.
-                    layer.bias.requires_grad_(False)
-                qkv[key] = self.linear(layer, f"{path}.{key}", key, None, heads=heads)
+            qkv = {key: self.linear(layer, f"{path}.{key}", key, None, heads=heads)
+                   for key, layer in split_projections(spec).items()}
         else:
-            qkv = {"qkv": self.linear(src.qkv, f"{path}.qkv", "qkv", None, heads=3 * heads)}
-        proj = self.linear(src.proj, f"{path}.proj", "proj", "attn_out", heads=heads, head_axis=1, axis=-1)
-        rel_pos = src if isinstance(src, WindowAttention) else None
-        attn = QuantAttention(
-            heads, head_dim, src.scale,
-            input_quant=self.act(f"{path}.input_quant", "attn_in", src.qkv.in_features),
-            qkv=qkv,
-            q_quant=self.act(f"{path}.q_quant", "q_act", heads, heads=heads, axis=1),
-            k_quant=self.act(f"{path}.k_quant", "k_act", heads, heads=heads, axis=1),
-            v_quant=self.act(f"{path}.v_quant", "v_act", heads, heads=heads, axis=1),
-            attn_quant=self.act(f"{path}.attn_quant", "attn_prob", heads, heads=heads, axis=1, signed=False),
-            proj=proj,
-            q_norm=getattr(src, "q_norm", nn.Identity()), k_norm=getattr(src, "k_norm", nn.Identity()),
-            norm=getattr(src, "norm", nn.Identity()), attn_drop=src.attn_drop, proj_drop=src.proj_drop,
-            rel_pos=rel_pos,
-        )
-        if rel_pos is not None:  # the source keeps only its relative-position table and index
-            for child in ("qkv", "proj", "attn_drop", "proj_drop", "softmax"):
-                if hasattr(rel_pos, child):
-                    delattr(rel_pos, child)
-        return attn
+            fused, qv_bias = fused_projection(spec)
+            qkv = {"qkv": self.linear(fused, f"{path}.qkv", "qkv", None, heads=3 * heads)}
+        proj = self.linear(spec.proj, f"{path}.proj", "proj", "attn_out", heads=heads, head_axis=1, axis=-1)
+
+        def per_head(name: str, kind: str, **kw) -> Quantizer:
+            return self.act(f"{path}.{name}", kind, heads, heads=heads, axis=1, **kw)
+
+        return QuantAttention(
+            spec, input_quant=self.act(f"{path}.input_quant", "attn_in", spec.in_features), qkv=qkv,
+            q_quant=per_head("q_quant", "q_act"), k_quant=per_head("k_quant", "k_act"),
+            v_quant=per_head("v_quant", "v_act"), attn_quant=per_head("attn_quant", "attn_prob", signed=False),
+            proj=proj, qv_bias=qv_bias)
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
-    """Convert a timm ``VisionTransformer`` (ViT, DeiT, with or without distillation token) or
-    ``SwinTransformer`` in place for quantization-aware training, and return it.
+    """Convert a timm ``VisionTransformer`` (ViT, DeiT, with or without distillation token),
+    ``SwinTransformer``, ``SwinTransformerV2`` or ``Eva`` (EVA-02) in place for quantization-aware training, and
+    return it.
 
     Every quantizer starts uninitialised: call ``vvtq.calibrate(model, batches)`` before training.
     """
     config = (config or QuantConfig.preset("vvtq")).validate()
     if getattr(model, "vvtq_config", None) is not None:
         raise QuantizerError("this model is already quantized (quantize_model was called on it before)")
-    build = _Builder(config)
-    counts = {"attention": 0}
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        for cname, child in list(module.named_children()):
-            path = prefix + cname
-            if isinstance(child, (Attention, WindowAttention)):
-                setattr(module, cname, build.attention(child, path))
-                counts["attention"] += 1
-            elif isinstance(child, Mlp) and isinstance(child.fc1, nn.Linear) and isinstance(child.fc2, nn.Linear):
-                child.fc1 = build.linear(child.fc1, f"{path}.fc1", "fc1", "mlp_in")
-                child.fc2 = build.linear(child.fc2, f"{path}.fc2", "fc2", "mlp_hidden",
-                                         signed=config.gelu_signed, offset=config.gelu_offset)
-            elif isinstance(child, PatchEmbed) and isinstance(child.proj, nn.Conv2d):
-                conv = child.proj
-                wq = build.weight(f"{path}.proj", "patch_embed", conv.weight.shape)
-                iq = build.act(f"{path}.proj.input_quant", "patch_embed_in", conv.in_channels, axis=1)
-                child.proj = QuantConv2d(conv, wq, iq)
-            elif isinstance(child, PatchMerging):
-                child.reduction = build.linear(child.reduction, f"{path}.reduction", "merge", "merge_in")
-            else:
-                visit(child, path + ".")
-
-    visit(model, "")
-    if counts["attention"] == 0:
+    if apply_rules(model, _QatFactory(config)) == 0:
         raise QuantizerError(
             f"{type(model).__name__} has no supported transformer blocks: vvtq converts timm VisionTransformer "
-            "(ViT, DeiT) and SwinTransformer models"
+            "(ViT, DeiT), SwinTransformer, SwinTransformerV2 and Eva (EVA-02) models"
         )
-    for path in _CLASSIFIER_PATHS:
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        layer = getattr(parent, attr, None)
-        if isinstance(layer, nn.Linear) and not isinstance(layer, QuantLinear):
-            setattr(parent, attr, build.linear(layer, path, "head", "head_in"))
     model.vvtq_config = config
     return model

@@ -1,9 +1,10 @@
 """Quantized layers: linear, convolution and multi-head attention composed from ``Quantizer`` modules.
 
 The layers only decide *where* quantizers sit (docs/METHOD.md §3); the rounding lives in the quantizers.
-``QuantAttention`` replaces timm's ``Attention`` (ViT/DeiT) and ``WindowAttention`` (Swin) with split or fused
-q/k/v projections and activation quantizers on the block input, q, k, v (per head), the softmax output
-(unsigned, per head) and attn@v (per head, as the input quantizer of the output projection).
+``QuantAttention`` replaces a timm attention block (the rules in ``vvtq.quant.rules``: ViT/DeiT, Swin, SwinV2,
+EVA-02) with split or fused q/k/v projections and activation quantizers on the block input, q, k, v (per head),
+the softmax output (unsigned, per head) and attn@v (per head, as the input quantizer of the output projection);
+its arithmetic is ``vvtq.quant.attention.AttentionCore``, shared with the export runtime.
 
 Training runs the fake-quantized tensors through ordinary float layers. Evaluation (eval mode, no autograd, no
 autocast) computes the same maths in the integer domain (``vvtq.quant.intmath``): matmuls on the codes, exact,
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .intmath import QT, int_attention, int_conv2d, int_linear
+from .attention import AttentionCore, attention_bias  # noqa: F401  (attention_bias: re-exported)
+from .intmath import QT, int_conv2d, int_linear
 from .quantizers import Quantizer
 
 
@@ -47,24 +49,6 @@ def set_integer_eval(model: nn.Module, enabled: bool) -> nn.Module:
         if isinstance(m, _IntegerEval):
             m.integer_eval = bool(enabled)
     return model
-
-
-def attention_bias(rel_pos: nn.Module | None, num_heads: int, N: int, B: int, mask: Tensor | None,
-                   dtype: torch.dtype = torch.float) -> Tensor | None:
-    """Additive attention bias [B or 1, H, N, N]: Swin's relative positions (``rel_pos`` is the source
-    ``WindowAttention``) plus its shifted-window mask [num_windows, N, N]; or a ViT mask (bool masks become
-    0 / -inf)."""
-    bias = None
-    if rel_pos is not None:
-        bias = rel_pos._get_rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            mask = mask.view(1, num_win, 1, N, N).expand(B // num_win, -1, num_heads, -1, -1)
-            bias = bias + mask.reshape(-1, num_heads, N, N)
-    elif mask is not None:
-        bias = mask if mask.dtype != torch.bool else torch.zeros_like(mask, dtype=dtype).masked_fill(
-            ~mask, float("-inf"))
-    return bias
 
 
 class QuantLinear(_IntegerEval, nn.Linear):
@@ -105,89 +89,42 @@ class QuantConv2d(_IntegerEval, nn.Conv2d):
         return self._conv_forward(_run(self.input_quant, x), self.weight_quant(self.weight), self.bias)
 
 
-class QuantAttention(_IntegerEval, nn.Module):
+class QuantAttention(_IntegerEval, AttentionCore):
     """Multi-head self-attention with module-dependent quantization (VVTQ, Huang et al. 2023, §3.2).
 
-    Built by ``vvtq.quant.convert`` from a timm attention module; ``q``/``k``/``v`` are separate
-    ``QuantLinear`` layers when ``split`` (else one fused ``qkv``). With the softmax-output quantizer off, the
-    attention runs fused (``scaled_dot_product_attention``); with it on, the softmax is explicit so that its
-    output can be quantized.
+    Built by ``vvtq.quant.convert`` from a timm attention module (the rule in ``vvtq.quant.rules``); ``q``/``k``/
+    ``v`` are separate ``QuantLinear`` layers when ``split`` (else one fused ``qkv``). The arithmetic is
+    ``AttentionCore``'s, shared with the export runtime. With the softmax-output quantizer off, training runs the
+    attention fused (``scaled_dot_product_attention``); with it on, the softmax is explicit so that its output
+    can be quantized.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, scale: float, *, input_quant: Quantizer,
-                 qkv: dict[str, QuantLinear], q_quant: Quantizer, k_quant: Quantizer, v_quant: Quantizer,
-                 attn_quant: Quantizer, proj: QuantLinear, q_norm: nn.Module, k_norm: nn.Module,
-                 norm: nn.Module, attn_drop: nn.Dropout, proj_drop: nn.Dropout,
-                 rel_pos: nn.Module | None = None):
-        super().__init__()
-        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
-        self.attn_dim = num_heads * head_dim
-        self.input_quant = input_quant
-        for key, layer in qkv.items():  # "qkv", or "q", "k", "v"
-            setattr(self, key, layer)
-        self.split = "q" in qkv
-        self.q_norm, self.k_norm = q_norm, k_norm
-        self.q_quant, self.k_quant, self.v_quant, self.attn_quant = q_quant, k_quant, v_quant, attn_quant
-        self.attn_drop = attn_drop
-        self.norm = norm
-        self.proj = proj
-        self.proj_drop = proj_drop
-        # Swin: the relative position bias table stays in the source WindowAttention module (kept as a child so
-        # that its parameter keeps a meaningful name); ``rel_pos._get_rel_pos_bias()`` gives [1, H, N, N].
-        self.rel_pos = rel_pos
+    def _integer_now(self, x: Tensor, *quants: Quantizer | None) -> bool:
+        quants = quants or (self.input_quant, self.q_quant, self.k_quant, self.v_quant, self.attn_quant)
+        return _IntegerEval._integer_now(self, x, *quants)
+
+    def _codes(self, quant: Quantizer | None, x: Tensor) -> Tensor | QT:
+        return _codes(quant, x)
+
+    def _fake(self, quant: Quantizer | None, x: Tensor) -> Tensor:
+        return _run(quant, x)
 
     def _project(self, x: Tensor | QT, B: int, N: int) -> tuple[Tensor, Tensor, Tensor]:
-        if self.split and not self._one_matmul(x):
-            return tuple(layer(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-                         for layer in (self.q, self.k, self.v))
-        if self.split:  # the same maths as three layers, in one matmul over the stacked quantized weights
-            layers = (self.q, self.k, self.v)
-            w = torch.cat([layer.weight_quant(layer.weight) for layer in layers])
-            b = None if self.q.bias is None else torch.cat([layer.bias for layer in layers])
-            qkv = F.linear(x, w, b)
-        else:
-            qkv = self.qkv(x)
+        if not (self.split and self._one_matmul(x)):
+            return AttentionCore._project(self, x, B, N)
+        # the same maths as three layers, in one matmul over the stacked quantized weights
+        layers = (self.q, self.k, self.v)
+        w = torch.cat([layer.weight_quant(layer.weight) for layer in layers])
+        b = None
+        if any(layer.bias is not None for layer in layers):  # a missing bias (SwinV2's, EVA's key) is zero
+            b = torch.cat([w.new_zeros(layer.out_features) if layer.bias is None else layer.bias for layer in layers])
+        qkv = F.linear(x, w, b)
         return qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def _one_matmul(self, x: Tensor | QT) -> bool:
         """Whether split q/k/v may run as one matmul: on the fake-quant path, when none of the three layers has
-        its own input quantizer or a hook that must see its call, and their biases are all present or all not."""
+        its own input quantizer or a hook that must see its call."""
         if isinstance(x, QT):
             return False
-        layers = (self.q, self.k, self.v)
-        if any(layer.input_quant is not None or layer._forward_hooks or layer._forward_pre_hooks
-               for layer in layers):
-            return False
-        return len({layer.bias is None for layer in layers}) == 1
-
-    def _bias(self, N: int, B: int, mask: Tensor | None) -> Tensor | None:
-        return attention_bias(self.rel_pos, self.num_heads, N, B, mask)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None, attn_mask: Tensor | None = None,
-                is_causal: bool = False) -> Tensor:
-        if is_causal:
-            raise NotImplementedError("vvtq's quantized attention does not support causal masks")
-        B, N, _ = x.shape
-        bias = self._bias(N, B, mask if mask is not None else attn_mask)
-        if self._integer_now(x, self.input_quant, self.q_quant, self.k_quant, self.v_quant, self.attn_quant):
-            q, k, v = self._project(self.input_quant.quantize(x), B, N)
-            q, k = self.q_norm(q), self.k_norm(k)
-            q, k, v = self.q_quant.quantize(q), self.k_quant.quantize(k), self.v_quant.quantize(v)
-            x = int_attention(q, k, v, self.scale, bias, self.attn_quant.quantize)
-            x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
-            return self.proj_drop(self.proj(x))
-        x = self.input_quant(x)
-        q, k, v = self._project(x, B, N)
-        q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
-        if not self.attn_quant.enabled:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                               dropout_p=self.attn_drop.p if self.training else 0.0)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                attn = attn + bias
-            attn = self.attn_quant(attn.softmax(dim=-1))
-            x = self.attn_drop(attn) @ v
-        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
-        return self.proj_drop(self.proj(x))
+        return not any(layer.input_quant is not None or layer._forward_hooks or layer._forward_pre_hooks
+                       for layer in (self.q, self.k, self.v))
