@@ -42,11 +42,3 @@ class ImageBatchSampler:
             chunk = perm[b * self.images:(b + 1) * self.images]
             yield chunk[self.rank * part:(self.rank + 1) * part].tolist()
 
-
-def _datasets(cfg: TrainConfig):
-    train, val = train_val_datasets(cfg.data, cfg.data_root, cfg.val_split, cfg.holdout)
-    if cfg.train_subset:
-        train = SubsetImageDataset(train, range(min(cfg.train_subset, len(train))))
-    if cfg.val_subset:
-        val = SubsetImageDataset(val, range(min(cfg.val_subset, len(val))))
-    return train, val
