@@ -230,15 +230,13 @@ def _elementwise(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool):
 def _stats_math(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, unbiased: bool, size_weighted: bool):
     """``R`` and the per-bin tables ``ta = 2 c_j (+ 2/N)``, ``tb = 2 c_j ybar_j``, shaped ``[bins, *group]``."""
     code, inside, d, y = _elementwise(x, s, qmin, qmax, group)
-    y64 = y.double()
-
     def total(t: Tensor) -> Tensor:
-        return t.sum_to_size(s.shape) if group else t.sum()
+        return (t.sum_to_size(s.shape) if group else t.sum()).double()
 
     masks = [code == j for j in range(qmin, qmax + 1)]
-    counts = torch.stack([total(m.double()) for m in masks])
-    sum_y = torch.stack([total(torch.where(m, y64, 0.0)) for m in masks])
-    sum_y2 = torch.stack([total(torch.where(m, y64 * y64, 0.0)) for m in masks])
+    counts = torch.stack([total(m.float()) for m in masks])
+    sum_y = torch.stack([total(torch.where(m, y, 0.0)) for m in masks])
+    sum_y2 = torch.stack([total(torch.where(m, y * y, 0.0)) for m in masks])
     n = x.numel()
     mean_y = sum_y / counts.clamp_min(1.0)
     ss = (sum_y2 - sum_y * mean_y).clamp_min(0.0)
