@@ -66,7 +66,7 @@ def measure(name: str, shape: tuple[int, ...], bits: int, steps: int, warmup: in
             fwd_t.append(f)
             bwd_t.append(b)
     step = statistics.median(steps_t)
-    reg = statistics.median([f + b for f, b in zip(fwd_t, bwd_t)])
+    reg = statistics.median([f + b for f, b in zip(fwd_t, bwd_t, strict=True)])
     return {"model": name, "batch": shape[0], "img": shape[-1], "bits": bits, "step_s": step, "regularizer_s": reg,
             "regularizer_forward_s": statistics.median(fwd_t), "regularizer_backward_s": statistics.median(bwd_t),
             "fraction": reg / step}

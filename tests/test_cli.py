@@ -103,6 +103,16 @@ def test_common_settings_flags_override_the_recipe_and_set(monkeypatch, tmp_path
     assert seen[1].quant["wbits"] == 2 and seen[1].lr == 5e-4
 
 
+def test_a_run_stopped_before_any_validation_says_so(monkeypatch, tmp_path, capsys):
+    """``max_steps`` can stop a run before its first validation: no 'nan%' in the summary line."""
+    seen = _capture_train(monkeypatch)
+    monkeypatch.setattr("vvtq.train.train", lambda cfg, resume=False: seen.append(cfg) or
+                        {"step": 40, "final_acc": float("nan"), "best_acc": -1.0, "wall_s": 6.0})
+    assert main(["train", "--config", QAT, "--set", "max_steps=40", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "done: 40 steps, not validated yet" in out and "nan" not in out
+
+
 @pytest.mark.parametrize("flags, sets, message", [
     (["--wbits", "9"], ["quant.wbits=9"], "wbits must be an integer in 2..8"),
     (["--abits", "1"], ["quant.abits=1"], "abits must be an integer in 2..8"),

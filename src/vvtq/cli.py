@@ -8,6 +8,7 @@ traceback of the expected failures too).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import textwrap
@@ -75,8 +76,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     _leave_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {result['step']} steps, final val acc {result['final_acc']:.2f}%, best "
-              f"{result['best_acc']:.2f}%, {result['wall_s'] / 60:.1f} min; checkpoint {cfg.out}/last.safetensors")
+        if math.isnan(result["final_acc"]):  # stopped (max_steps) before any validation
+            acc = f"not validated yet (`vvtq eval {cfg.out}/last.safetensors` scores it)"
+        else:
+            acc = f"final val acc {result['final_acc']:.2f}%, best {result['best_acc']:.2f}%"
+        print(f"done: {result['step']} steps, {acc}, {result['wall_s'] / 60:.1f} min; checkpoint "
+              f"{cfg.out}/last.safetensors")
     return 0
 
 

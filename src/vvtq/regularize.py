@@ -97,6 +97,14 @@ def bin_regularizer(
     if qmax < qmin:
         raise ValueError(f"empty code range [{qmin}, {qmax}]")
     check_options(variance, weighting, bins, units)
+    x, s = _prepare(w, scale, offset, units)
+    if x.numel() == 0:
+        return x.sum() + 0.0 * s.sum()
+    return _BinRegularizerFn.apply(x, s, qmin, qmax, variance, weighting, bins, False)
+
+
+def _prepare(w: Tensor, scale: Tensor | float, offset: Tensor | None, units: str) -> tuple[Tensor, Tensor]:
+    """The values ``x`` (``w - offset``, in steps for ``units="step"``) and the step ``s`` that R is computed on."""
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
     x = w.to(dtype)
     if offset is not None:
@@ -105,10 +113,7 @@ def bin_regularizer(
     if units == "step":  # in steps: x / s with s fixed; the groups (for bins="group") keep their shape
         x = x / s.detach()
         s = torch.ones_like(s)
-    if x.numel() == 0:
-        return x.sum() + 0.0 * s.sum()
-
-    return _BinRegularizerFn.apply(x, s, qmin, qmax, variance, weighting, bins)
+    return x, s
 
 
 def _binned(d: Tensor, y: Tensor | None, idx: Tensor, nbins: int, bin_n: Tensor | float, variance: str,
@@ -155,16 +160,17 @@ class _BinRegularizerFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, qmin: int, qmax: int, variance: str, weighting: str, bins: str):
+    def forward(ctx, x: Tensor, s: Tensor, qmin: int, qmax: int, variance: str, weighting: str, bins: str,
+                stacked: bool):
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.fused = None
-        if _use_fused(x, s):
-            group = bins == "group" and s.numel() > 1
+        if stacked or _use_fused(x, s):
+            group = bins == "group" and (s[0] if stacked else s).numel() > 1
             r, *tables = _fused("stats", x.detach(), s.detach(), qmin, qmax, group, variance == "unbiased",
-                                weighting == "size")
+                                weighting == "size", stacked)
             if want_grad:
                 ctx.save_for_backward(x, s, *tables)
-                ctx.fused = (qmin, qmax, bins)
+                ctx.fused = (qmin, qmax, group, stacked)
             return r
         v = x / s
         code = v.clamp(qmin, qmax)
@@ -194,16 +200,15 @@ class _BinRegularizerFn(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         if ctx.fused is not None:
             x, s, ta, tb = ctx.saved_tensors
-            qmin, qmax, bins = ctx.fused
-            group = bins == "group" and s.numel() > 1
-            gx, gs = _fused("grad", x.detach(), s.detach(), grad.detach(), ta, tb, qmin, qmax, group)
+            qmin, qmax, group, stacked = ctx.fused
+            gx, gs = _fused("grad", x.detach(), s.detach(), grad.detach(), ta, tb, qmin, qmax, group, stacked)
             return (gx if ctx.needs_input_grad[0] else None), (gs if ctx.needs_input_grad[1] else None), \
-                None, None, None, None, None
+                None, None, None, None, None, None
         g, code, inside = ctx.saved_tensors
         g = g * grad
         gx = g * inside if ctx.needs_input_grad[0] else None
         gs = (g * code).masked_fill_(inside, 0.0).sum_to_size(ctx.s_shape) if ctx.needs_input_grad[1] else None
-        return gx, gs, None, None, None, None, None
+        return gx, gs, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------ fused kernels (torch.compile, CPU)
@@ -212,48 +217,63 @@ class _BinRegularizerFn(torch.autograd.Function):
 # 16), every bin statistic is a masked sum, so the forward pass is one loop with 3 x (Qp - Qn + 1) accumulators
 # (float64) and no bin index is stored; the backward pass recomputes the codes from ``x`` and selects each
 # weight's two per-bin coefficients. Follows vvtq.quant.fake_quant's switch (``set_fused_kernels`` / VVTQ_FUSED).
+# ``stacked``: ``x`` and ``s`` hold several layers of one shape along dim 0 (see bin_regularizer_loss), each with
+# its own bins and N, so a model's layers cost one call per shape instead of one per layer.
 FUSED_MIN_NUMEL = 1 << 14
 _compiled: dict[str, Any] = {}
 
 
-def _elementwise(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool):
+def _one_step(s: Tensor, group: bool, stacked: bool) -> bool:
+    """Whether the step is constant within each bin (then ``y = d``)."""
+    return group or (s[0] if stacked else s).numel() == 1
+
+
+def _elementwise(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, stacked: bool):
     """Codes, the in-range mask, distances ``d`` and ``y`` (``d``, or ``w_c`` when the step varies in a bin)."""
     v = x / s
     c = v.clamp(qmin, qmax)
     inside = c == v
     code = c.round()
     d = torch.where(inside, (v - code) * s, 0.0)
-    y = d if (group or s.numel() == 1) else d + s * code
+    y = d if _one_step(s, group, stacked) else d + s * code
     return code, inside, d, y
 
 
-def _stats_math(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, unbiased: bool, size_weighted: bool):
-    """``R`` and the per-bin tables ``ta = 2 c_j (+ 2/N)``, ``tb = 2 c_j ybar_j``, shaped ``[bins, *group]``."""
-    code, inside, d, y = _elementwise(x, s, qmin, qmax, group)
-    def total(t: Tensor) -> Tensor:
-        return (t.sum_to_size(s.shape) if group else t.sum()).double()
+def _stats_math(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, unbiased: bool, size_weighted: bool,
+                stacked: bool = False):
+    """``R`` and the per-bin tables ``ta = 2 c_j (+ 2/N)``, ``tb = 2 c_j ybar_j``, shaped ``[bins, *group]``
+    (``[bins, layers, 1, ...]`` for stacked layers with bins per tensor)."""
+    code, inside, d, y = _elementwise(x, s, qmin, qmax, group, stacked)
+
+    def total(t: Tensor) -> Tensor:  # float32 sums inside the pass (exact counts), float64 across bins
+        if group:
+            return t.sum_to_size(s.shape).double()
+        if stacked:
+            return t.sum(dim=tuple(range(1, t.dim())), keepdim=True).double()
+        return t.sum().double()
 
     masks = [code == j for j in range(qmin, qmax + 1)]
     counts = torch.stack([total(m.float()) for m in masks])
     sum_y = torch.stack([total(torch.where(m, y, 0.0)) for m in masks])
     sum_y2 = torch.stack([total(torch.where(m, y * y, 0.0)) for m in masks])
-    n = x.numel()
+    n = x[0].numel() if stacked else x.numel()
     mean_y = sum_y / counts.clamp_min(1.0)
     ss = (sum_y2 - sum_y * mean_y).clamp_min(0.0)
     denom = counts - 1.0 if unbiased else counts
     coef = torch.where(counts > 1, 1.0 / denom.clamp_min(1.0), 0.0)
     if size_weighted:
         coef = coef * counts / n
-    one = group or s.numel() == 1
-    pull = sum_y2.sum() if one else (d.double() * d.double()).sum()
+    one = _one_step(s, group, stacked)
+    pull = sum_y2.sum() if one else (d * d).sum().double()
     r = pull / n + (coef * ss).sum()
     ta = 2.0 * coef + (2.0 / n if one else 0.0)
     return r.to(x.dtype), ta.to(x.dtype), (2.0 * coef * mean_y).to(x.dtype)
 
 
-def _grad_math(x: Tensor, s: Tensor, grad: Tensor, ta: Tensor, tb: Tensor, qmin: int, qmax: int, group: bool):
+def _grad_math(x: Tensor, s: Tensor, grad: Tensor, ta: Tensor, tb: Tensor, qmin: int, qmax: int, group: bool,
+               stacked: bool = False):
     """``dR/dx`` and ``dR/ds``: ``g = y ta_j - tb_j (+ 2 d / N when y = w_c)`` for the bin j of each weight."""
-    code, inside, d, y = _elementwise(x, s, qmin, qmax, group)
+    code, inside, d, y = _elementwise(x, s, qmin, qmax, group, stacked)
     a = torch.zeros_like(x)
     b = torch.zeros_like(x)
     for k, j in enumerate(range(qmin, qmax + 1)):
@@ -261,8 +281,8 @@ def _grad_math(x: Tensor, s: Tensor, grad: Tensor, ta: Tensor, tb: Tensor, qmin:
         a = torch.where(m, ta[k], a)
         b = torch.where(m, tb[k], b)
     g = y * a - b
-    if not (group or s.numel() == 1):
-        g = g + d * (2.0 / x.numel())
+    if not _one_step(s, group, stacked):
+        g = g + d * (2.0 / (x[0].numel() if stacked else x.numel()))
     g = g * grad
     return torch.where(inside, g, 0.0), torch.where(inside, 0.0, g * code).sum_to_size(s.shape)
 
@@ -323,7 +343,9 @@ def bin_regularizer_loss(
     (default 8: the 8-bit ends, patch embedding and head, are near-lossless and dominate the regularizer's
     cost in the reference); ``skip_bits_ge=None`` keeps every layer. Returns a scalar (0 if none qualifies).
     """
-    total: Tensor | None = None
+    check_options(variance, weighting, bins, units)
+    terms: list[Tensor] = []
+    same_shape: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
     for module, q in _weight_pairs(model_or_pairs):
         if not getattr(q, "enabled", True):
             continue
@@ -332,12 +354,22 @@ def bin_regularizer_loss(
         w = module.weight
         off_fn = getattr(q, "expanded_offset", None)
         offset = off_fn(w) if off_fn is not None else None
-        r = bin_regularizer(w, q.expanded_scale(w), q.qmin, q.qmax, variance=variance, weighting=weighting,
-                            bins=bins, offset=offset, units=units)
-        total = r if total is None else total + r
-    if total is None:
+        scale = q.expanded_scale(w)
+        x, s = _prepare(w, scale, offset, units)
+        if q.qmax >= q.qmin and x.numel() > 0 and s.dim() <= x.dim() and _use_fused(x, s):
+            s = s.reshape((1,) * (x.dim() - s.dim()) + tuple(s.shape))
+            key = (tuple(x.shape), tuple(s.shape), x.dtype, x.device, int(q.qmin), int(q.qmax))
+            same_shape.setdefault(key, []).append((x, s))
+            continue
+        terms.append(bin_regularizer(w, scale, q.qmin, q.qmax, variance=variance, weighting=weighting, bins=bins,
+                                     offset=offset, units=units))
+    for (*_, qmin, qmax), layers in same_shape.items():  # one fused call for all the layers of one shape
+        xs, ss = zip(*layers, strict=True)
+        terms.append(_BinRegularizerFn.apply(torch.stack(xs), torch.stack(ss), qmin, qmax, variance, weighting,
+                                             bins, True))
+    if not terms:
         return torch.zeros(())
-    return total
+    return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
 
 
 def lambda_schedule(step: int, total_steps: int, lambda_max: float = 0.01, start_frac: float = 0.25) -> float:
