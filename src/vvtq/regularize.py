@@ -220,6 +220,7 @@ class _BinRegularizerFn(torch.autograd.Function):
 # ``stacked``: ``x`` and ``s`` hold several layers of one shape along dim 0 (see bin_regularizer_loss), each with
 # its own bins and N, so a model's layers cost one call per shape instead of one per layer.
 FUSED_MIN_NUMEL = 1 << 14
+STACK_LAYERS = True  # fused path: one call per weight shape (False: one per layer; for A/B timing)
 _compiled: dict[str, Any] = {}
 
 
@@ -356,7 +357,7 @@ def bin_regularizer_loss(
         offset = off_fn(w) if off_fn is not None else None
         scale = q.expanded_scale(w)
         x, s = _prepare(w, scale, offset, units)
-        if q.qmax >= q.qmin and x.numel() > 0 and s.dim() <= x.dim() and _use_fused(x, s):
+        if STACK_LAYERS and q.qmax >= q.qmin and x.numel() > 0 and s.dim() <= x.dim() and _use_fused(x, s):
             s = s.reshape((1,) * (x.dim() - s.dim()) + tuple(s.shape))
             key = (tuple(x.shape), tuple(s.shape), x.dtype, x.device, int(q.qmin), int(q.qmax))
             same_shape.setdefault(key, []).append((x, s))
