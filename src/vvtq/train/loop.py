@@ -225,7 +225,8 @@ class _Run:
             ips = done * cfg.batch_size / max(time.time() - t_epoch, 1e-9)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{self.last_acc:.2f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
+                acc = "-" if math.isnan(self.last_acc) else f"{self.last_acc:.2f}"  # "-": not validated yet
+                bar.set_postfix(loss=f"{loss:.4f}", acc=acc, lr=f"{lr:.2e}", ips=f"{ips:.0f}")
             if self.step % cfg.log_every == 0 or self.step == plan.stop_at:
                 self.log_step(epoch, loss, lr, ips)
             if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and self.step % plan.steps_per_epoch:
