@@ -215,8 +215,9 @@ class _BinRegularizerFn(torch.autograd.Function):
 # The same maths in one compiled pass over the weights each way, for float32 CPU tensors of at least
 # FUSED_MIN_NUMEL elements (the eager chain above is ~20 passes plus three histograms). With few codes (4, 8 or
 # 16), every bin statistic is a masked sum, so the forward pass is one loop with 3 x (Qp - Qn + 1) accumulators
-# (float64) and no bin index is stored; the backward pass recomputes the codes from ``x`` and selects each
-# weight's two per-bin coefficients. Follows vvtq.quant.fake_quant's switch (``set_fused_kernels`` / VVTQ_FUSED).
+# (float32 sums, exact for the counts; the per-bin totals are combined in float64) and no bin index is stored;
+# the backward pass recomputes the codes from ``x`` and selects each weight's two per-bin coefficients. Follows
+# vvtq.quant.fake_quant's switch (``set_fused_kernels`` / VVTQ_FUSED).
 # ``stacked``: ``x`` and ``s`` hold several layers of one shape along dim 0 (see bin_regularizer_loss), each with
 # its own bins and N, so a model's layers cost one call per shape instead of one per layer.
 FUSED_MIN_NUMEL = 1 << 14
