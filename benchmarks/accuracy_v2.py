@@ -643,11 +643,12 @@ def plot(doc: dict[str, Any], pilots: list[dict[str, Any]], path: Path) -> None:
     ps = sorted((p for p in pilots if p["final_acc"] is not None), key=lambda p: (p["model"], p["final_acc"]))
     ax2.barh(range(len(ps)), [p["final_acc"] for p in ps], color=["tab:blue" if p["model"] == "mini_deit" else
                                                                   "tab:green" for p in ps])
-    ax2.set_yticks(range(len(ps)), [f"{p['model'][5:]} {p['recipe'] or 'lsq'}" for p in ps], fontsize=6)
+    ax2.set_yticks(range(len(ps)), [f"{p['model'][5:]} {p['recipe'] or 'lsq'} ({(p['crops'] or 0) // 1000}k)"
+                                    for p in ps], fontsize=6)
     if ps:
         ax2.set_xlim(min(p["final_acc"] for p in ps) - 1, max(p["final_acc"] for p in ps) + 0.5)
     ax2.set_xlabel("held-out top-1 (%)")
-    ax2.set_title("pilots (W2A2, seed 0, 30k crops)", fontsize=9)
+    ax2.set_title("pilots (W2A2, seed 0; crops per run in brackets)", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=100)
