@@ -265,19 +265,25 @@ def plan(args: argparse.Namespace) -> list[Run]:
                 add(model, "pilot", recipe, 2, 0, quick_crops or args.pilot_crops, "holdout")
         return runs
     crops, seeds = quick_crops or STUDY_CROPS, args.seeds
-    for keys in (("lsq", "best"), ("paper",)):  # the headline comparison first, seed by seed
+
+    def main_rows(keys: tuple[str, ...]) -> None:
         for seed in seeds:
             for model in args.models:
                 for key in keys:
                     add(model, "main", RECIPES[key][1], 2, seed, crops, "test")
-    if "mini_deit" in args.models and not args.no_ablation:
-        for recipe in ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1]):
-            for seed in seeds:
-                add("mini_deit", "ablation", recipe, 2, seed, crops, "test")
+
+    # order of importance: the headline comparison seed by seed, the W4A4 / W3A3 rows, the published recipe, then
+    # the ablation (the longest part)
+    main_rows(("lsq", "best"))
     for bits in (4, 3):
         for model in args.models:
             for key in ("lsq", "best"):
                 add(model, "bits", RECIPES[key][1], bits, seeds[0], crops, "test")
+    main_rows(("paper",))
+    if "mini_deit" in args.models and not args.no_ablation:
+        for recipe in ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1]):
+            for seed in seeds:
+                add("mini_deit", "ablation", recipe, 2, seed, crops, "test")
     return runs
 
 
