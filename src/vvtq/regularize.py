@@ -363,8 +363,10 @@ def bin_regularizer_loss(
             key = (tuple(x.shape), tuple(s.shape), x.dtype, x.device, int(q.qmin), int(q.qmax))
             same_shape.setdefault(key, []).append((x, s))
             continue
-        terms.append(bin_regularizer(w, scale, q.qmin, q.qmax, variance=variance, weighting=weighting, bins=bins,
-                                     offset=offset, units=units))
+        if q.qmax < q.qmin:
+            raise ValueError(f"empty code range [{q.qmin}, {q.qmax}]")
+        terms.append(x.sum() + 0.0 * s.sum() if x.numel() == 0 else  # x, s prepared once (as bin_regularizer)
+                     _BinRegularizerFn.apply(x, s, q.qmin, q.qmax, variance, weighting, bins, False))
     for (*_, qmin, qmax), layers in same_shape.items():  # one fused call for all the layers of one shape
         xs, ss = zip(*layers, strict=True)
         terms.append(_BinRegularizerFn.apply(torch.stack(xs), torch.stack(ss), qmin, qmax, variance, weighting,
