@@ -148,6 +148,34 @@ def test_bit_flips_anywhere_are_refused(packed, tmp_path):
             read_packed(bad)
 
 
+def _with_stream(raw: bytes, text: str) -> bytes:
+    """The packed file with its header stream (base64 text) replaced by ``text``, nothing else changed."""
+    index, data = _split(raw)
+    index["__metadata__"] = {**index["__metadata__"], META_KEY: text}
+    blob = json.dumps(index).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
+def test_trailing_bytes_and_non_canonical_base64_in_the_header_are_refused(packed, tmp_path):
+    """Bytes after the header's zlib stream, or a base64 text that is not the canonical one (another pad or
+    spare bit), decode to the same header: each is still a changed file, and refused."""
+    raw = packed[2].read_bytes()
+    text = _split(raw)[0]["__metadata__"][META_KEY]
+    z = base64.b64decode(text)
+    bad = tmp_path / "z.vvtq.safetensors"
+    trailing = base64.b64encode(z + b"\x00").decode()
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    stripped = text.rstrip("=")  # before a pad, the last character carries spare bits: flip the lowest
+    spare = stripped[:-1] + alphabet[alphabet.index(stripped[-1]) ^ 1] + text[len(stripped):]
+    for changed in (trailing, spare) if stripped != text else (trailing,):
+        bad.write_bytes(_with_stream(raw, changed))
+        with pytest.raises(ExportFormatError, match="corrupt header"):
+            read_packed(bad)
+    bad.write_bytes(_with_stream(raw, text))  # the helper alone keeps a good file good
+    read_packed(bad)
+
+
 def test_wrong_version_and_format_are_refused(packed, tmp_path):
     raw = packed[2].read_bytes()
     bad = tmp_path / "v.vvtq.safetensors"

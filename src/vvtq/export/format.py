@@ -297,10 +297,12 @@ def _read_header(path: str, md: dict[str, str]) -> dict[str, Any]:
         raise _fail(path, "not a vvtq packed export (no 'vvtq_export_z' metadata)")
     try:
         z = base64.b64decode(md[META_KEY], validate=True)
+        if base64.b64encode(z).decode("ascii") != md[META_KEY]:  # a changed pad or spare bit decodes the same
+            raise ValueError("non-canonical base64")
         d = zlib.decompressobj()
         raw = d.decompress(z, _MAX_HEADER_BYTES)
-        if d.unconsumed_tail or not d.eof:
-            raise ValueError("oversized or unterminated stream")
+        if d.unconsumed_tail or d.unused_data or not d.eof:
+            raise ValueError("oversized, unterminated or trailing data in the stream")
         text = raw.decode()
     except (ValueError, zlib.error, UnicodeDecodeError) as exc:
         raise _fail(path, f"corrupt header ({exc})") from None
