@@ -148,6 +148,10 @@ def _f_freeze(spec, ctx, v):
     spec["oscillation"] = {**(spec.get("oscillation") or {"every": 1}), "freeze_threshold": threshold}
 
 
+def _f_cga(spec, ctx, v):
+    spec["anneal"] = {"start_frac": float(v or _DEFAULTS["cga"])}
+
+
 # name: (label, how it changes the recipe mapping)
 FACTORS = {
     "kd": ("soft labels of the live FP teacher (its own crop scale, 1 crop)", _f_kd),
@@ -167,10 +171,11 @@ FACTORS = {
     "reg": ("published bin regularizer (lambda 0.01, from 25%, bins per tensor)", _f_reg),
     "regn": ("bin regularizer in steps, bins per channel, size-weighted, lambda {v}, from 50%", _f_regn),
     "freeze": ("iterative freezing of weights oscillating above frequency {v} (Nagel et al.)", _f_freeze),
+    "cga": ("confidence-guided annealing of the low-bit weights from {v} of the run (OFQ)", _f_cga),
 }
 
 
-_DEFAULTS = {"hard": 0.5, "regn": 1.0, "freeze": 0.02}  # a factor's value when the recipe names none
+_DEFAULTS = {"hard": 0.5, "regn": 1.0, "freeze": 0.02, "cga": 0.8}  # a factor's value when the recipe names none
 
 
 class StudyError(RuntimeError):

@@ -17,6 +17,7 @@ quiet_no_cuda_runtime_warning()  # torch's "No CUDA runtime is found" line on a 
 
 from . import export, models  # noqa: E402, F401  (models registers the minis with timm; export is callable)
 from .analysis.oscillation import OscillationTracker  # noqa: E402
+from .anneal import ConfidenceAnnealer  # noqa: E402
 from .distill import distill_loss, soft_cross_entropy  # noqa: E402
 from .errors import VVTQError  # noqa: E402
 from .evaluation import eval_loader, evaluate  # noqa: E402
@@ -36,7 +37,8 @@ from .spec import ModelSpec  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "ModelBinRegularizer", "ModelSpec", "OscillationTracker", "QuantConfig", "QuantizerError", "VVTQError",
+    "ConfidenceAnnealer", "ModelBinRegularizer", "ModelSpec", "OscillationTracker", "QuantConfig", "QuantizerError",
+    "VVTQError",
     "__version__", "build_model", "calibrate", "distill_loss", "eval_loader", "evaluate", "export",
     "iter_act_quantizers", "iter_weight_quantizers", "load_model", "quantize_model", "save_model",
     "set_integer_eval", "set_quantization_enabled", "soft_cross_entropy",

@@ -36,12 +36,13 @@ def test_fp_then_qat_from_it(tmp_path):
     ckpt = tmp_path / "fp" / "last.safetensors"
     qat = train(TrainConfig.from_yaml(FP, TINY + QAT + [
         f"out={tmp_path / 'q'}", f"init_from={ckpt}", "num_crops=2", f"teacher={{source: live, checkpoint: {ckpt}}}",
-        "regularizer={lambda_max: 0.01}", "oscillation={every: 1}"]))
+        "regularizer={lambda_max: 0.01}", "oscillation={every: 1}", "anneal={start_frac: 0.5}"]))
     assert qat["step"] == 16  # 2 crops an image: 16 images a batch
     model, meta = load_model(tmp_path / "q" / "last.safetensors")
     assert meta["quant"]["wbits"] == 4
     steps = _records(tmp_path / "q" / "metrics.jsonl", "step")
     assert "osc/overall" in steps[-1] and steps[-1]["reg/lambda"] > 0
+    assert steps[-1]["cga/band"] < 0.01 and steps[-1]["cga/held"] > 0.9  # annealing: nearly every weight held
     # the quantized model evaluates to the accuracy the loop recorded
     assert _records(tmp_path / "q" / "metrics.jsonl", "epoch")[-1]["val_acc"] == pytest.approx(qat["final_acc"])
 
@@ -109,7 +110,7 @@ sys.exit(main(sys.argv[1:]))
 def test_sigkill_then_resume_is_bit_exact(tmp_path):
     """SIGKILL while the checkpoint of step 11 (in the second epoch) is being written: the checkpoint of step 10
     stays intact, and resuming from it gives the uninterrupted run's weights and metrics exactly."""
-    sets = TINY + QAT + ["epochs=2", "ckpt_every_steps=1", "oscillation={every: 1}"]
+    sets = TINY + QAT + ["epochs=2", "ckpt_every_steps=1", "oscillation={every: 1}", "anneal={start_frac: 0.5}"]
     args = [a for s in sets for a in ("--set", s)]
     ref = tmp_path / "ref"
     subprocess.run(_cli("train", "--config", FP, "--out", str(ref), *args), check=True, env=ENV,
@@ -228,6 +229,8 @@ def test_ensemble_teacher_averages_probabilities_at_each_input_size(tmp_path):
     ("quant.wbits=9", "quant: wbits must be an integer in 2..8"),
     ("regularizer={units: bits}", "units must be one of"),
     ("oscillation={freeze: 0.1}", "unknown key.*in oscillation: freeze"),
+    ("anneal={start: 0.5}", "unknown key.*in anneal: start .*did you mean 'start_frac'"),
+    ("anneal={start_frac: 1}", r"start_frac must be in \[0, 1\)"),
     ("teacher={source: none, hard: 1}", "unknown key.*in teacher: hard"),
     ("teacher={source: none, hard_weight: 2}", r"hard_weight must be in \[0, 1\]"),
     ("quant_lr_scale=0", "quant_lr_scale must be positive"),

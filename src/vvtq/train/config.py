@@ -63,6 +63,7 @@ class TrainConfig:
     teacher: dict[str, Any] = field(default_factory=lambda: {"source": "none"})
     regularizer: dict[str, Any] | None = None  # {"lambda_max": 0.01, "start_frac": 0.25}
     oscillation: dict[str, Any] | None = None  # {"every": 1, "freeze_threshold": null}
+    anneal: dict[str, Any] | None = None  # confidence-guided annealing (vvtq.anneal): {"start_frac": 0.9}
     # bookkeeping
     out: str = "runs/run"
     log_every: int = 20
@@ -154,9 +155,10 @@ class TrainConfig:
         return self
 
     def _check_mappings(self) -> None:
-        """Every key of ``quant``, ``teacher``, ``regularizer`` and ``oscillation`` is one its consumer takes, and
-        its values are accepted: a typo fails here, before any data is read, not after calibration."""
+        """Every key of ``quant``, ``teacher``, ``regularizer``, ``oscillation`` and ``anneal`` is one its consumer
+        takes, and its values are accepted: a typo fails here, before any data is read, not after calibration."""
         from ..analysis.oscillation import OscillationTracker
+        from ..anneal import ConfidenceAnnealer
         from ..regularize import ModelBinRegularizer
 
         for name, known in sub_mapping_keys().items():
@@ -178,6 +180,8 @@ class TrainConfig:
                 ModelBinRegularizer([], 1, **self.regularizer)
             if self.oscillation is not None:
                 OscillationTracker([], **{k: v for k, v in self.oscillation.items() if k != "dtype"})
+            if self.anneal is not None:
+                ConfidenceAnnealer([], 1, **self.anneal)
             if not 0.0 <= float((self.teacher or {}).get("hard_weight", 0.0)) <= 1.0:
                 raise ValueError(f"teacher.hard_weight must be in [0, 1]; got {self.teacher['hard_weight']}")
         except (TypeError, ValueError) as exc:
@@ -247,13 +251,15 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
 def sub_mapping_keys() -> dict[str, tuple[str, ...]]:
     """The keys each mapping-valued setting takes, read from the code that consumes them."""
     from ..analysis.oscillation import OscillationTracker
+    from ..anneal import ConfidenceAnnealer
     from ..quant import QuantConfig
     from ..regularize import ModelBinRegularizer
 
     return {"quant": ("preset", "overrides_file", *(f.name for f in fields(QuantConfig))),
             "teacher": ("source", "checkpoint", "softlabels", "hard_weight"),
             "regularizer": _params(ModelBinRegularizer, skip=2),
-            "oscillation": _params(OscillationTracker, skip=1)}
+            "oscillation": _params(OscillationTracker, skip=1),
+            "anneal": _params(ConfidenceAnnealer, skip=2)}
 
 
 def settings_help() -> str:

@@ -83,7 +83,7 @@ class _Run:
         self.step, self.best_acc, self.history = 0, -1.0, []
         self.ckpt: dict[str, Any] | None = None
         self.calib_digests: list[float] | None = None
-        self.regularizer = self.tracker = None
+        self.regularizer = self.tracker = self.annealer = None
         self.last_acc = float("nan")
 
     # ------------------------------------------------------------------ set-up
@@ -188,6 +188,10 @@ class _Run:
             self.tracker = OscillationTracker(self.core, **cfg.oscillation)
             if ckpt is not None and "oscillation" in ckpt["meta"]:
                 self.tracker.load_state_dict(unpack_tracker(ckpt["meta"]["oscillation"], ckpt["extra"]))
+        if self.qcfg is not None and cfg.anneal is not None:
+            from ..anneal import ConfidenceAnnealer
+
+            self.annealer = ConfidenceAnnealer(self.core, self.plan.total_steps, **cfg.anneal)
         self.log = MetricsLog(self.out / "metrics.jsonl", self.rank == 0, self.step if ckpt is not None else None)
         if self.calib_digests is not None:
             self.log.write({"type": "calibration", "step": 0, "scale_digests": self.calib_digests})
@@ -251,9 +255,13 @@ class _Run:
                                 f"stopping. The last good checkpoint is kept: {kept}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.annealer is not None:  # holds the confident weights still (before clipping: they count for nothing)
+            self.annealer.before_step(self.step)
         if cfg.clip_grad:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         self.optimizer.step()
+        if self.annealer is not None:
+            self.annealer.after_step()
         if self.tracker is not None:
             self.tracker.step()
         self.step += 1
@@ -285,6 +293,8 @@ class _Run:
             rec.update(self.regularizer.metrics())
         if self.tracker is not None:
             rec.update(self.tracker.metrics())
+        if self.annealer is not None:
+            rec.update(self.annealer.metrics())
         self.log.write(rec)
 
     def end_epoch(self, epoch: int) -> None:
