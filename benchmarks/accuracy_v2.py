@@ -152,6 +152,12 @@ def _f_cga(spec, ctx, v):
     spec["anneal"] = {"start_frac": float(v or _DEFAULTS["cga"])}
 
 
+def _f_single(spec, ctx, v):
+    if spec["num_crops"] < 2:
+        raise StudyError("factor 'single' needs 'crops=K' (K > 1) before it")
+    spec["single_crop_frac"] = float(v or _DEFAULTS["single"])
+
+
 # name: (label, how it changes the recipe mapping)
 FACTORS = {
     "kd": ("soft labels of the live FP teacher (its own crop scale, 1 crop)", _f_kd),
@@ -172,10 +178,12 @@ FACTORS = {
     "regn": ("bin regularizer in steps, bins per channel, size-weighted, lambda {v}, from 50%", _f_regn),
     "freeze": ("iterative freezing of weights oscillating above frequency {v} (Nagel et al.)", _f_freeze),
     "cga": ("confidence-guided annealing of the low-bit weights from {v} of the run (OFQ)", _f_cga),
+    "single": ("the last {v} of the steps take 1 crop an image (the published single-crop final phase)", _f_single),
 }
 
 
-_DEFAULTS = {"hard": 0.5, "regn": 1.0, "freeze": 0.02, "cga": 0.8}  # a factor's value when the recipe names none
+# a factor's value when the recipe names none
+_DEFAULTS = {"hard": 0.5, "regn": 1.0, "freeze": 0.02, "cga": 0.8, "single": 0.2}
 
 
 class StudyError(RuntimeError):

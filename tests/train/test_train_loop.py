@@ -47,6 +47,41 @@ def test_fp_then_qat_from_it(tmp_path):
     assert _records(tmp_path / "q" / "metrics.jsonl", "epoch")[-1]["val_acc"] == pytest.approx(qat["final_acc"])
 
 
+def test_single_crop_final_phase_takes_whole_batches_of_distinct_images(tmp_path, monkeypatch):
+    """2 crops an image for the first 12 of 16 steps (16 images a batch), then one crop each of 32 images."""
+    from vvtq.train import loop
+
+    seen, real_step = [], loop._Run.train_step
+
+    def spy(self, batch, epoch):
+        seen.append((epoch, batch[3].tolist()))
+        return real_step(self, batch, epoch)
+
+    monkeypatch.setattr(loop._Run, "train_step", spy)
+    cfg = TrainConfig.from_yaml(FP, TINY + ["num_crops=2", "single_crop_frac=0.25", f"out={tmp_path}"])
+    assert train(cfg)["step"] == 16
+    assert len(seen) == 16
+    for i, (epoch, idx) in enumerate(seen):
+        assert len(idx) == 32
+        if i < 12:
+            assert epoch == 0 and len(set(idx)) == 16 and idx[0::2] == idx[1::2]
+        else:
+            assert epoch == 1 and len(set(idx)) == 32
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl", "epoch")] == [12, 16]
+
+
+def test_resume_inside_the_single_crop_phase_is_exact(tmp_path):
+    sets = TINY + ["num_crops=2", "single_crop_frac=0.4", "ckpt_every_steps=1"]
+    train(TrainConfig.from_yaml(FP, sets + [f"out={tmp_path / 'ref'}"]))
+    train(TrainConfig.from_yaml(FP, sets + [f"out={tmp_path / 'run'}", "max_steps=13"]))  # 3 steps into phase 2
+    assert load_checkpoint(tmp_path / "run" / "last.safetensors")["meta"]["step"] == 13
+    train(TrainConfig.from_yaml(FP, sets + [f"out={tmp_path / 'run'}"]), resume=True)
+    a, b = load_file(tmp_path / "ref" / "last.safetensors"), load_file(tmp_path / "run" / "last.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    ref, run = (_strip_times(_records(tmp_path / d / "metrics.jsonl", "step")) for d in ("ref", "run"))
+    assert ref == run
+
+
 def test_qat_keeps_the_fp_checkpoints_architecture(tmp_path):
     """A QAT recipe without model options builds the architecture its FP checkpoint records (here: avg pooling)."""
     train(TrainConfig.from_yaml(FP, TINY + ["max_steps=1", f"out={tmp_path / 'fp'}"]))
@@ -231,6 +266,7 @@ def test_ensemble_teacher_averages_probabilities_at_each_input_size(tmp_path):
     ("oscillation={freeze: 0.1}", "unknown key.*in oscillation: freeze"),
     ("anneal={start: 0.5}", "unknown key.*in anneal: start .*did you mean 'start_frac'"),
     ("anneal={start_frac: 1}", r"start_frac must be in \[0, 1\)"),
+    ("single_crop_frac=1", r"single_crop_frac must be in \[0, 1\)"),
     ("teacher={source: none, hard: 1}", "unknown key.*in teacher: hard"),
     ("teacher={source: none, hard_weight: 2}", r"hard_weight must be in \[0, 1\]"),
     ("quant_lr_scale=0", "quant_lr_scale must be positive"),

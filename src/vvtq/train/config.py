@@ -40,6 +40,7 @@ class TrainConfig:
     holdout: int = 0  # training images held out from training (a fixed choice); scored when val_split=holdout
     img_size: int = 28
     num_crops: int = 1
+    single_crop_frac: float = 0.0  # the last fraction of the steps takes 1 crop an image (batch_size images a step)
     crop_scale: tuple[float, float] = (0.35, 1.0)
     train_subset: int | None = None
     val_subset: int | None = None
@@ -130,6 +131,8 @@ class TrainConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1; got {list(self.crop_scale)}")
+        if not 0.0 <= self.single_crop_frac < 1.0:
+            raise ConfigError(f"single_crop_frac must be in [0, 1); got {self.single_crop_frac}")
         if self.batch_size % self.num_crops:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of num_crops ({self.num_crops})")
         if self.epochs <= 0 or self.lr <= 0:

@@ -53,14 +53,37 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class _Epoch:
+    """One pass of the sampler: steps ``[start, end)``; ``index`` counts every epoch of the run, ``phase`` 1 is
+    the recipe's crops per image, 2 the single-crop final phase."""
+
+    index: int
+    phase: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class _Plan:
-    """How many steps: per epoch, in all, where warmup ends and where this invocation stops (``max_steps``)."""
+    """How many steps: per epoch, in all, where warmup ends and where this invocation stops (``max_steps``), and
+    the epochs, the last of the multi-crop phase cut where the single-crop phase (``single_from``) starts."""
 
     steps_per_epoch: int
     total_steps: int
-    num_epochs: int
     warmup: int
     stop_at: int
+    single_from: int
+    single_steps_per_epoch: int
+    epochs: tuple[_Epoch, ...]
+
+    @property
+    def num_epochs(self) -> int:
+        return len(self.epochs)
+
+    def epoch_float(self, step: int) -> float:
+        """Passes over the images at ``step``, each phase counted in its own epochs."""
+        first = min(step, self.single_from) / self.steps_per_epoch
+        return first + max(step - self.single_from, 0) / max(self.single_steps_per_epoch, 1)
 
 
 class _Run:
@@ -120,26 +143,50 @@ class _Run:
         teacher_cfg = cfg.teacher or {}
         self.source, self.hard_weight = teacher_cfg.get("source", "none"), float(teacher_cfg.get("hard_weight", 0.0))
         self.images_per_batch = cfg.batch_size // cfg.num_crops
-        self.views = MultiCropDataset(ts, cfg.num_crops, cfg.img_size, tuple(cfg.crop_scale), seed=cfg.seed)
+        self.views = self._views(cfg.num_crops)
         self.collate = multicrop_collate
         self.sampler = ImageBatchSampler(len(ts), self.images_per_batch, self.rank, self.world, cfg.seed)
         self.teacher = None
         if self.source == "live":
             self.teacher = load_teacher(cfg.teacher["checkpoint"], self.spec.model_kwargs, self.device)
         elif self.source == "file":
-            from ..distill.replay import ReplayCropDataset, replay_collate
+            from ..distill.replay import replay_collate
 
-            self.views = ReplayCropDataset(ts, cfg.teacher["softlabels"], cfg.num_crops, cfg.img_size, seed=cfg.seed)
             self.collate = replay_collate
 
+    def _views(self, num_crops: int):
+        """The training views with ``num_crops`` crops an image: random crops, or replayed from the soft-label
+        file with ``teacher.source: file``."""
+        cfg = self.cfg
+        if (cfg.teacher or {}).get("source") == "file":
+            from ..distill.replay import ReplayCropDataset
+
+            return ReplayCropDataset(self.train_set, cfg.teacher["softlabels"], num_crops, cfg.img_size, seed=cfg.seed)
+        return MultiCropDataset(self.train_set, num_crops, cfg.img_size, tuple(cfg.crop_scale), seed=cfg.seed)
+
     def plan_steps(self) -> None:
+        """Steps per epoch, in all, and the epochs: the last ``single_crop_frac`` of the steps (with several crops
+        an image) take one crop of each of ``batch_size`` images a step (the published recipe's final phase)."""
         cfg, n = self.cfg, len(self.train_set)
         per_epoch = n // self.images_per_batch
         if per_epoch == 0:
             raise TrainingError(f"{n} training images cannot fill one batch of {self.images_per_batch}")
         total = max(1, math.ceil(cfg.epochs * per_epoch))
-        self.plan = _Plan(per_epoch, total, math.ceil(total / per_epoch), int(cfg.warmup_epochs * per_epoch),
-                          total if cfg.max_steps is None else min(total, cfg.max_steps))
+        single_from, per_single = total, 0
+        if cfg.single_crop_frac > 0 and cfg.num_crops > 1:
+            single_from, per_single = total - round(cfg.single_crop_frac * total), n // cfg.batch_size
+            if per_single == 0:
+                raise TrainingError(f"{n} training images cannot fill one single-crop batch of {cfg.batch_size}")
+        epochs = [_Epoch(i, 1, a, min(a + per_epoch, single_from)) for i, a in enumerate(range(0, single_from,
+                                                                                             per_epoch))]
+        epochs += [_Epoch(len(epochs) + j, 2, a, min(a + per_single, total))
+                   for j, a in enumerate(range(single_from, total, per_single or 1))]
+        self.plan = _Plan(per_epoch, total, int(cfg.warmup_epochs * per_epoch),
+                          total if cfg.max_steps is None else min(total, cfg.max_steps), single_from, per_single,
+                          tuple(epochs))
+        self.single = None
+        if single_from < total:  # the final phase's views and sampler: one crop an image, batch_size images
+            self.single = (self._views(1), ImageBatchSampler(n, cfg.batch_size, self.rank, self.world, cfg.seed))
 
     def restore_or_calibrate(self) -> None:
         """The resumed checkpoint's weights; or, for QAT, every scale calibrated on the same leading batches on
@@ -203,38 +250,39 @@ class _Run:
     # ------------------------------------------------------------------ the epochs
     def epochs(self):
         """The epochs left to train (from the resumed step on), until ``stop_at``."""
-        for epoch in range(self.step // self.plan.steps_per_epoch, self.plan.num_epochs):
+        for epoch in self.plan.epochs:
             if self.step >= self.plan.stop_at:
                 return
-            yield epoch
+            if epoch.end > self.step:
+                yield epoch
 
-    def train_epoch(self, epoch: int) -> None:
+    def train_epoch(self, epoch: _Epoch) -> None:
         """The steps of one epoch (the rest of it, when resumed mid-epoch), with logging and step checkpoints."""
         cfg, plan = self.cfg, self.plan
-        self.views.set_epoch(epoch)
-        self.sampler.epoch, self.sampler.start = epoch, self.step - epoch * plan.steps_per_epoch
-        loader = DataLoader(self.views, batch_sampler=self.sampler, collate_fn=self.collate,
-                            num_workers=cfg.num_workers)
-        todo = min(plan.steps_per_epoch, plan.stop_at - epoch * plan.steps_per_epoch) - self.sampler.start
-        bar = progress_bar(cfg.progress and self.rank == 0, todo, f"epoch {epoch + 1}/{plan.num_epochs}")
+        views, sampler = (self.views, self.sampler) if epoch.phase == 1 else self.single
+        views.set_epoch(epoch.index)
+        sampler.epoch, sampler.start = epoch.index, self.step - epoch.start
+        loader = DataLoader(views, batch_sampler=sampler, collate_fn=self.collate, num_workers=cfg.num_workers)
+        todo = min(epoch.end, plan.stop_at) - self.step
+        bar = progress_bar(cfg.progress and self.rank == 0, todo, f"epoch {epoch.index + 1}/{plan.num_epochs}")
         self.loss_sum, self.n_loss, t_epoch = 0.0, 0, time.time()
-        if self.resumed_running is not None and self.sampler.start:  # resumed mid-epoch: its running loss goes on
+        if self.resumed_running is not None and sampler.start:  # resumed mid-epoch: its running loss goes on
             self.loss_sum, self.n_loss = self.resumed_running
         self.resumed_running = None
+        first = self.step
         for batch in loader:
-            if self.step >= plan.stop_at:
+            if self.step >= min(epoch.end, plan.stop_at):
                 break
-            loss, lr = self.train_step(batch, epoch)
-            done = self.step - epoch * plan.steps_per_epoch - self.sampler.start
-            ips = done * cfg.batch_size / max(time.time() - t_epoch, 1e-9)
+            loss, lr = self.train_step(batch, epoch.index)
+            ips = (self.step - first) * cfg.batch_size / max(time.time() - t_epoch, 1e-9)
             if bar is not None:
                 bar.update(1)
                 acc = "-" if math.isnan(self.last_acc) else f"{self.last_acc:.2f}"  # "-": not validated yet
                 bar.set_postfix(loss=f"{loss:.4f}", acc=acc, lr=f"{lr:.2e}", ips=f"{ips:.0f}")
             if self.step % cfg.log_every == 0 or self.step == plan.stop_at:
-                self.log_step(epoch, loss, lr, ips)
-            if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and self.step % plan.steps_per_epoch:
-                self.save(self.last_path, self.step / plan.steps_per_epoch, full=True,
+                self.log_step(epoch.index, loss, lr, ips)
+            if cfg.ckpt_every_steps and self.step % cfg.ckpt_every_steps == 0 and self.step != epoch.end:
+                self.save(self.last_path, plan.epoch_float(self.step), full=True,
                           running=(self.loss_sum, self.n_loss))
         if bar is not None:
             bar.close()
@@ -297,14 +345,14 @@ class _Run:
             rec.update(self.annealer.metrics())
         self.log.write(rec)
 
-    def end_epoch(self, epoch: int) -> None:
+    def end_epoch(self, epoch: _Epoch) -> None:
         """At the end of an epoch: validation (every ``eval_every`` epochs and at the end), ``best`` and ``last``."""
         step, plan = self.step, self.plan
-        epoch_done = step % plan.steps_per_epoch == 0 or step == plan.total_steps
-        if epoch_done and ((epoch + 1) % self.cfg.eval_every == 0 or step == plan.total_steps):
-            self.validate(epoch)
+        epoch_done = step == epoch.end
+        if epoch_done and ((epoch.index + 1) % self.cfg.eval_every == 0 or step == plan.total_steps):
+            self.validate(epoch.index)
         if epoch_done or step == plan.stop_at:
-            self.save(self.last_path, step / plan.steps_per_epoch, full=True)
+            self.save(self.last_path, plan.epoch_float(step), full=True)
 
     def validate(self, epoch: int) -> None:
         metrics = evaluate(self.model, self.val_loader, self.device)
