@@ -429,14 +429,41 @@ def stored(run: Run, store: Path) -> dict[str, Any] | None:
 
 
 def claim(run: Run) -> bool:
-    """Take ``run`` for this worker (atomic create); False if another worker has it."""
+    """Take ``run`` for this worker (atomic create, holding its pid); False if another worker has it."""
     run_dir = Path(run.cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        os.close(os.open(run_dir / "claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
+        fd = os.open(run_dir / "claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def clear_stale_claims(work: Path) -> None:
+    """Remove the claims of workers that no longer run (another invocation's live workers keep theirs). A claim
+    without a pid, with this process's own, or whose pid now belongs to another program is stale."""
+    for c in work.glob("*/claim"):
+        try:
+            pid = int(c.read_text() or 0)
+        except ValueError:
+            pid = 0
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if pid > 0 and pid != os.getpid() and _alive(pid) and (not cmdline.parent.is_dir() or
+                                                              b"accuracy_v2" in cmdline.read_bytes()):
+            continue
+        c.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _osc_last(metrics: Path, key: str) -> float | None:
@@ -502,8 +529,7 @@ def work_loop(runs: list[Run], store: Path, work: Path, worker: str) -> int:
 
 def spawn(args: argparse.Namespace, argv: list[str], work: Path) -> list[int]:
     """``args.jobs`` worker processes, each claiming runs; stale claims (no worker runs now) are cleared first."""
-    for c in work.glob("*/claim"):
-        c.unlink()
+    clear_stale_claims(work)
     cleaned, skip = [], False
     for a in argv:
         if skip or a == "--jobs":
@@ -750,8 +776,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = sum(c != 0 for c in codes)
             _log(work, f"workers finished with exit codes {codes}")
         else:
-            for c in work.glob("*/claim"):
-                c.unlink()
+            clear_stale_claims(work)
             failed = work_loop(runs, store, work, "worker 0")
     doc = write_results(args, runs, store, out, command)
     _log(work, f"wrote {out / 'accuracy_v2.json'}, .md, .png; {len(doc['missing'])} study run(s) not finished")

@@ -2,6 +2,7 @@
 path end to end with two workers, including resumption (the numbers of a quick run mean nothing)."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -70,9 +71,32 @@ def test_plan_equal_crops_holdout_and_one_factor_at_a_time(tmp_path):
     with pytest.raises(acc.StudyError, match="needs 'kd' before it"):
         acc.build_cfg("mini_deit", 2, "hard", 0, 1000, "test", tmp_path, "x", acc.Context("mini_deit", "T", "U"),
                       False)
+    late = acc.build_cfg("mini_deit", 2, "kd+crops=2+single+cga=0.9", 0, 1000, "test", tmp_path, "x", ctx, False)
+    assert late.single_crop_frac == 0.2 and late.anneal == {"start_frac": 0.9}
+    with pytest.raises(acc.StudyError, match="'single' needs 'crops=K'"):
+        acc.build_cfg("mini_deit", 2, "kd+single", 0, 1000, "test", tmp_path, "x", ctx, False)
     pilots = acc.plan(acc.parse_args(["--pilots", "--work", str(tmp_path / "w")]))
     assert all(r.cfg.val_split == "holdout" and r.seed == 0 and r.name.startswith("pilot_") for r in pilots)
     assert {r.recipe for r in pilots} == set(acc.PILOTS)
+
+
+def test_only_the_claims_of_finished_workers_are_cleared(tmp_path):
+    acc = _module()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "accuracy_v2"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a pid reused by another program
+    try:
+        for name, pid in (("a", live.pid), ("b", int(dead.stdout)), ("c", other.pid), ("d", "")):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "claim").write_text(str(pid))
+        acc.clear_stale_claims(tmp_path)
+        assert sorted(p.parent.name for p in tmp_path.glob("*/claim")) == ["a"]
+    finally:
+        live.kill()
+        other.kill()
+    run = acc.Run("r", "mini_deit", "main", "", 2, 0, argparse.Namespace(out=str(tmp_path / "r")))
+    assert acc.claim(run) and not acc.claim(run)
+    assert (tmp_path / "r" / "claim").read_text() == str(os.getpid())
 
 
 def _teachers(folder: Path) -> Path:
