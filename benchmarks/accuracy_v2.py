@@ -260,6 +260,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
         prefix = ""
         if group == "pilot":  # pilots of another length are other runs
             prefix = "pilot_" if crops == PILOT_CROPS or args.quick else f"pilot{crops // 1000}k_"
+            prefix += f"{args.tag}_" if args.tag else ""
         name = f"{prefix}{model}_{recipe_key(recipe)}_w{bits}a{bits}_s{seed}"
         cfg = build_cfg(model, bits, recipe, seed, crops, scored_on, work, name, ctx, args.quick)
         key = _signature(cfg.to_dict())
@@ -649,11 +650,12 @@ def markdown(doc: dict[str, Any], pilots: list[dict[str, Any]], findings: str | 
                      f"{' / '.join(_fmt(v, 4) for v in a['osc_lowbit'])} |")
     if pilots:
         lines += ["", "## Pilots (W2A2, seed 0, scored on the 5,000 held-out training images)", "",
-                  "| model | crops | recipe | held-out top-1 | osc. low-bit | frozen | wall |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | crops | recipe | held-out top-1 | osc. low-bit | frozen | wall | run |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p in sorted(pilots, key=lambda p: (p["model"], p["crops"], -(p["final_acc"] or 0))):
             lines.append(f"| {p['model']} | {p['crops']:,} | `{p['recipe'] or 'lsq'}` | {_fmt(p['final_acc'])} | "
-                         f"{_fmt(p['osc_lowbit'], 4)} | {_fmt(p['frozen'], 4)} | {p['wall_s'] / 60:.1f} min |")
+                         f"{_fmt(p['osc_lowbit'], 4)} | {_fmt(p['frozen'], 4)} | {p['wall_s'] / 60:.1f} min | "
+                         f"`{p['name']}` |")
     if doc["missing"]:
         lines += ["", f"Not finished yet ({len(doc['missing'])}): " + ", ".join(f"`{m}`" for m in doc["missing"])]
     lines += ["", "![W2A2 per seed and bit-widths](accuracy_v2.png)", "", "## Findings", "",
@@ -722,6 +724,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"with --pilots: crops per pilot (default {PILOT_CROPS:,}; the study's: {STUDY_CROPS:,})")
     p.add_argument("--models", nargs="+", default=["mini_deit"], choices=MODELS,
                    help="with --pilots: the models (default mini_deit); the study always runs both")
+    p.add_argument("--tag", default=None, help="with --pilots: a name part for pilots trained again (a stored "
+                   "pilot of the same config made by older code keeps its own name)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--quick", action="store_true", help="a few steps on 256 images (smoke test, not a result)")
