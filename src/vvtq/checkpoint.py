@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as _safetensors_bytes
 from torch import Tensor
 
 from .errors import VVTQError
@@ -47,6 +47,22 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
     for pid, values in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_file(tensors: dict[str, Tensor], filename: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with the metadata's keys in sorted order: the same tensors and metadata
+    give the same bytes in every process (safetensors writes its metadata map in a per-process random order)."""
+    blob = _safetensors_bytes(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensors' bytes start 8-aligned, as safetensors writes them
+    with open(filename, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.write(memoryview(blob)[8 + n:])
 
 
 def atomic_save_file(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:

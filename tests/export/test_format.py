@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import re
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import timm
@@ -116,11 +120,26 @@ def test_fp16_remainder_round_trip(tmp_path):
     assert sorted(k for k in _split(path.read_bytes())[0] if k != "__metadata__") == ["codes", "f16", "f32"]
 
 
+_WRITE_CHILD = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+torch.set_num_threads(1)
+from export.test_format import _model
+from vvtq.export.format import write_packed
+write_packed(*_model(), sys.argv[1])
+"""
+
+
 def test_export_is_deterministic(packed, tmp_path):
+    """The same model gives the same bytes, in this process and in another (safetensors alone would write its
+    metadata in a per-process random order)."""
     m, meta, path = packed
-    path2 = tmp_path / "again.vvtq.safetensors"
+    path2, path3 = tmp_path / "again.vvtq.safetensors", tmp_path / "child.vvtq.safetensors"
     write_packed(m, meta, path2)
     assert read_packed(path2).header == read_packed(path).header  # same payload checksum too
+    subprocess.run([sys.executable, "-c", _WRITE_CHILD, str(path3), str(Path(__file__).parents[1])], check=True,
+                   timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert path3.read_bytes() == path2.read_bytes() == path.read_bytes()
 
 
 @pytest.mark.parametrize("keep", [0, 7, 8, 100, "header", "half", -1])
