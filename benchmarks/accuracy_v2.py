@@ -55,6 +55,7 @@ RECIPES = {
     "lsq": ("LSQ baseline", ""),
     "best": ("vvtq (ours)", "kd+crops=2+lr=1e-3+regn=1"),
     "paper": ("published VVTQ recipe", "kd+crops=4+wide+md+reg"),
+    "cga": ("LSQ + annealing", "cga"),  # chosen by the paired full-length pilots of the fifth sitting
 }
 # the pilots: mini DeiT W2A2, seed 0, PILOT_CROPS, scored on the held-out images; one factor at a time first
 PILOTS = (  # in order of priority: workers take them first to last
@@ -294,6 +295,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
             for key in ("lsq", "best"):
                 add(model, "bits", RECIPES[key][1], bits, seeds[0], crops, "test")
     main_rows(("paper",))
+    main_rows(("cga",))
     if "mini_deit" in args.models and not args.no_ablation:
         for recipe in ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1]):
             for seed in seeds:
