@@ -671,17 +671,20 @@ def plot(doc: dict[str, Any], pilots: list[dict[str, Any]], path: Path) -> None:
 
     fig = Figure(figsize=(9.6, 4.0), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    colors = {"lsq": "tab:gray", "best": "tab:blue", "paper": "tab:orange"}
+    colors = dict(zip(RECIPES, ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=False))
+    width = len(RECIPES) + 1  # the bars of one model, and a gap
     for i, row in enumerate(doc["summary"].values()):
         for j, key in enumerate(RECIPES):
             seeds = [v for v in row.get(f"{key}_w2a2_seeds") or [] if v is not None]
-            x = i * 4 + j
+            x = i * width + j
             if seeds:
                 ax1.bar(x, statistics.fmean(seeds), color=colors[key], label=key if i == 0 else None)
                 ax1.plot([x] * len(seeds), seeds, "k.", ms=4)
         if row["fp"] is not None:
-            ax1.hlines(row["fp"], i * 4 - 0.5, i * 4 + 2.5, colors="k", linestyles=":", lw=1)
-    ax1.set_xticks([1, 5], list(doc["summary"])[:2] if len(doc["summary"]) > 1 else list(doc["summary"]) + [""])
+            ax1.hlines(row["fp"], i * width - 0.5, i * width + len(RECIPES) - 0.5, colors="k", linestyles=":", lw=1)
+    centre = (len(RECIPES) - 1) / 2
+    ax1.set_xticks([centre, width + centre],
+                   list(doc["summary"])[:2] if len(doc["summary"]) > 1 else list(doc["summary"]) + [""])
     vals = [v for row in doc["summary"].values() for k in RECIPES for v in (row.get(f"{k}_w2a2_seeds") or [])
             if v is not None]
     if vals:
@@ -692,8 +695,11 @@ def plot(doc: dict[str, Any], pilots: list[dict[str, Any]], path: Path) -> None:
     ps = sorted((p for p in pilots if p["final_acc"] is not None), key=lambda p: (p["model"], p["final_acc"]))
     ax2.barh(range(len(ps)), [p["final_acc"] for p in ps], color=["tab:blue" if p["model"] == "mini_deit" else
                                                                   "tab:green" for p in ps])
-    ax2.set_yticks(range(len(ps)), [f"{p['model'][5:]} {p['recipe'] or 'lsq'} ({(p['crops'] or 0) // 1000}k)"
-                                    for p in ps], fontsize=6)
+    def label(p: dict[str, Any]) -> str:
+        tag = p["name"].split(f"_{p['model']}")[0].partition("_")[2]  # pilot120k_r2_mini_deit_... -> r2
+        return f"{p['model'][5:]} {p['recipe'] or 'lsq'} ({(p['crops'] or 0) // 1000}k{', ' + tag if tag else ''})"
+
+    ax2.set_yticks(range(len(ps)), [label(p) for p in ps], fontsize=6)
     if ps:
         ax2.set_xlim(min(p["final_acc"] for p in ps) - 1, max(p["final_acc"] for p in ps) + 0.5)
     ax2.set_xlabel("held-out top-1 (%)")
