@@ -66,7 +66,7 @@ def save_file(tensors: dict[str, Tensor], filename: str | Path, metadata: dict[s
 
 
 def atomic_save_file(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """``safetensors.save_file`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """``save_file`` (sorted metadata) to a temporary file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
