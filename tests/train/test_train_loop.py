@@ -70,6 +70,13 @@ def test_single_crop_final_phase_takes_whole_batches_of_distinct_images(tmp_path
     assert [r["step"] for r in _records(tmp_path / "metrics.jsonl", "epoch")] == [12, 16]
 
 
+def test_single_crop_phase_needs_several_crops():
+    from vvtq.train import ConfigError
+
+    with pytest.raises(ConfigError, match="single_crop_frac .* needs num_crops > 1; got num_crops=1"):
+        TrainConfig.from_yaml(FP, ["single_crop_frac=0.2"])
+
+
 def test_resume_inside_the_single_crop_phase_is_exact(tmp_path):
     sets = TINY + ["num_crops=2", "single_crop_frac=0.4", "ckpt_every_steps=1"]
     train(TrainConfig.from_yaml(FP, sets + [f"out={tmp_path / 'ref'}"]))

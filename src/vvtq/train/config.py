@@ -133,6 +133,9 @@ class TrainConfig:
             raise ConfigError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1; got {list(self.crop_scale)}")
         if not 0.0 <= self.single_crop_frac < 1.0:
             raise ConfigError(f"single_crop_frac must be in [0, 1); got {self.single_crop_frac}")
+        if self.single_crop_frac and self.num_crops == 1:
+            raise ConfigError("single_crop_frac is a final phase of one crop an image after several: it needs "
+                              "num_crops > 1; got num_crops=1")
         if self.batch_size % self.num_crops:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of num_crops ({self.num_crops})")
         if self.epochs <= 0 or self.lr <= 0:

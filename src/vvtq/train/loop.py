@@ -173,7 +173,7 @@ class _Run:
             raise TrainingError(f"{n} training images cannot fill one batch of {self.images_per_batch}")
         total = max(1, math.ceil(cfg.epochs * per_epoch))
         single_from, per_single = total, 0
-        if cfg.single_crop_frac > 0 and cfg.num_crops > 1:
+        if cfg.single_crop_frac > 0:
             single_from, per_single = total - round(cfg.single_crop_frac * total), n // cfg.batch_size
             if per_single == 0:
                 raise TrainingError(f"{n} training images cannot fill one single-crop batch of {cfg.batch_size}")
