@@ -297,7 +297,10 @@ def plan(args: argparse.Namespace) -> list[Run]:
     main_rows(("paper",))
     main_rows(("cga",))
     if "mini_deit" in args.models and not args.no_ablation:
-        for recipe in ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1]):
+        # the winner's own rows run first, the published recipe's factors last (the report keeps its order)
+        rows = ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1])
+        winners = set(ablation_recipes(RECIPES["best"][1]))
+        for recipe in sorted(rows, key=lambda r: r not in winners):
             for seed in seeds:
                 add("mini_deit", "ablation", recipe, 2, seed, crops, "test")
     return runs
