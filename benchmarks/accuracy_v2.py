@@ -119,6 +119,11 @@ def _f_md(spec, ctx, v):
     spec["quant"] = {**spec["quant"], "preset": "vvtq"}
 
 
+def _f_lnch(spec, ctx, v):
+    table = {**(spec["quant"].get("act_granularity") or {}), "attn_in": "channel", "mlp_in": "channel"}
+    spec["quant"] = {**spec["quant"], "act_granularity": table}
+
+
 def _f_sgelu(spec, ctx, v):
     spec["quant"] = {**spec["quant"], "gelu_signed": True}
 
@@ -170,6 +175,8 @@ FACTORS = {
     "wide": ("crop area [0.35, 1] (the published recipe's; the teacher's is [0.8, 1])", _f_wide),
     "md": ("module-dependent quantizers (split q/k/v, per-channel weights, per-head activations, GELU offset)",
            _f_md),
+    "lnch": ("a step size per channel for the LayerNorm outputs (the attention and MLP inputs; RepQ-ViT)",
+             _f_lnch),
     "sgelu": ("GELU output quantized signed (the old, weak baseline)", _f_sgelu),
     "qlr": ("quantizer step sizes at {v} x the weights' lr", _f_qlr),
     "wqlr": ("weight quantizers' step sizes at {v} x the lr (0: fixed at their MSE fit, as OFQ's StatsQ keeps "

@@ -41,6 +41,16 @@ def test_presets_differ_as_documented():
         QuantConfig.preset("vvtq", wbit=4)
 
 
+def test_preset_with_a_partial_granularity_table_keeps_the_other_kinds():
+    """A recipe that asks for per-channel LayerNorm outputs must not lose the vvtq preset's per-head q/k/v."""
+    cfg = QuantConfig.preset("vvtq", wbits=2, act_granularity={"attn_in": "channel", "mlp_in": "channel"})
+    assert cfg.act_granularity["attn_in"] == cfg.act_granularity["mlp_in"] == "channel"
+    assert cfg.act_granularity["q_act"] == cfg.act_granularity["attn_prob"] == "head"
+    assert cfg.act_granularity.keys() == QuantConfig.preset("vvtq").act_granularity.keys()
+    lsq = QuantConfig.preset("lsq", weight_granularity={"fc1": "channel"})
+    assert lsq.weight_granularity["fc1"] == "channel" and lsq.weight_granularity["qkv"] == "tensor"
+
+
 def test_gelu_output_sign_and_old_configs():
     """The LSQ baseline quantizes the GELU output unsigned (LSQ's rule for a non-negative activation); configs
     recorded before ``gelu_signed`` existed had it signed without an offset and are rebuilt that way."""

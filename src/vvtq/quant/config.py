@@ -72,7 +72,8 @@ class QuantConfig:
     def preset(cls, name: str, wbits: int = 4, abits: int | None = None, **changes: Any) -> QuantConfig:
         """``"lsq"``: the plain LSQ baseline (fused qkv, per-tensor scales, unsigned GELU output, no offset).
         ``"vvtq"``: module-dependent (split q/k/v, per-channel weights, per-head attention activations,
-        unsigned GELU output with offset). Both keep the ends at 8 bits."""
+        unsigned GELU output with offset). Both keep the ends at 8 bits. ``changes`` set fields; a granularity
+        table in them changes only the kinds it names, the others keep the preset's."""
         abits = wbits if abits is None else abits
         if name == "lsq":
             cfg = cls(wbits=wbits, abits=abits, split_qkv=False, weight_granularity=_weights("tensor"),
@@ -84,6 +85,8 @@ class QuantConfig:
         for key, value in changes.items():
             if key not in {f.name for f in fields(cls)}:
                 raise QuantizerError(f"QuantConfig has no field {key!r}")
+            if key in ("weight_granularity", "act_granularity") and isinstance(value, dict):
+                value = {**getattr(cfg, key), **value}  # a partial table changes only the kinds it names
             setattr(cfg, key, value)
         return cfg.validate()
 
