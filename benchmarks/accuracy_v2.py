@@ -56,6 +56,7 @@ RECIPES = {
     "best": ("vvtq (ours)", "kd+crops=2+lr=1e-3+regn=1"),
     "paper": ("published VVTQ recipe", "kd+crops=4+wide+md+reg"),
     "cga": ("LSQ + annealing", "cga"),  # chosen by the paired full-length pilots of the fifth sitting
+    "lnch": ("LSQ + per-channel LayerNorm outputs", "lnch"),  # its full-length pilot gained on mini Swin (sixth)
 }
 # the pilots: mini DeiT W2A2, seed 0, PILOT_CROPS, scored on the held-out images; one factor at a time first
 PILOTS = (  # in order of priority: workers take them first to last
@@ -288,9 +289,9 @@ def plan(args: argparse.Namespace) -> list[Run]:
         return runs
     crops, seeds = quick_crops or STUDY_CROPS, args.seeds
 
-    def main_rows(keys: tuple[str, ...]) -> None:
+    def main_rows(keys: tuple[str, ...], models: tuple[str, ...] = tuple(args.models)) -> None:
         for seed in seeds:
-            for model in args.models:
+            for model in models:
                 for key in keys:
                     add(model, "main", RECIPES[key][1], 2, seed, crops, "test")
 
@@ -303,6 +304,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
                 add(model, "bits", RECIPES[key][1], bits, seeds[0], crops, "test")
     main_rows(("paper",))
     main_rows(("cga",))
+    for model in sorted(args.models, key=lambda m: m != "mini_swin"):  # the model its pilot gained on first
+        main_rows(("lnch",), (model,))
     if "mini_deit" in args.models and not args.no_ablation:
         # the winner's own rows run first, the published recipe's factors last (the report keeps its order)
         rows = ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1])
