@@ -57,6 +57,7 @@ RECIPES = {
     "paper": ("published VVTQ recipe", "kd+crops=4+wide+md+reg"),
     "cga": ("LSQ + annealing", "cga"),  # chosen by the paired full-length pilots of the fifth sitting
     "lnch": ("LSQ + per-channel LayerNorm outputs", "lnch"),  # its full-length pilot gained on mini Swin (sixth)
+    "lr": ("LSQ at twice the lr", "lr=1e-3"),  # the ablation's strongest row on mini DeiT (sixth sitting)
 }
 # the pilots: mini DeiT W2A2, seed 0, PILOT_CROPS, scored on the held-out images; one factor at a time first
 PILOTS = (  # in order of priority: workers take them first to last
@@ -304,7 +305,9 @@ def plan(args: argparse.Namespace) -> list[Run]:
                 add(model, "bits", RECIPES[key][1], bits, seeds[0], crops, "test")
     main_rows(("paper",))
     main_rows(("cga",))
-    for model in sorted(args.models, key=lambda m: m != "mini_swin"):  # the model its pilot gained on first
+    for model in sorted(args.models, key=lambda m: m != "mini_swin"):  # mini Swin first: mini DeiT's 'lr' runs
+        main_rows(("lr",), (model,))                                    # are the ablation's, and 'lnch' gained
+    for model in sorted(args.models, key=lambda m: m != "mini_swin"):  # on mini Swin in its pilot
         main_rows(("lnch",), (model,))
     if "mini_deit" in args.models and not args.no_ablation:
         # the winner's own rows run first, the published recipe's factors last (the report keeps its order)
