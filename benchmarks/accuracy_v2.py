@@ -687,7 +687,9 @@ def plot(doc: dict[str, Any], pilots: list[dict[str, Any]], path: Path) -> None:
 
     fig = Figure(figsize=(9.6, 4.0), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
-    colors = dict(zip(RECIPES, ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:purple"), strict=False))
+    palette = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
+               "tab:olive", "tab:cyan", "tab:red")
+    colors = {key: palette[i % len(palette)] for i, key in enumerate(RECIPES)}
     width = len(RECIPES) + 1  # the bars of one model, and a gap
     for i, row in enumerate(doc["summary"].values()):
         for j, key in enumerate(RECIPES):

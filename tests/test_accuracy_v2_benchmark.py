@@ -66,6 +66,11 @@ def test_plan_equal_crops_holdout_and_one_factor_at_a_time(tmp_path):
         .teacher["checkpoint"] == ["T", "U", "C"]
     assert acc.build_cfg("mini_deit", 2, "kd", 0, 1000, "test", tmp_path, "x", ctx, False).init_from == "T"
     assert cfgs["md"].quant["preset"] == "vvtq" and cfgs["sgelu"].quant["gelu_signed"] is True
+    for recipe, heads in (("lnch", "tensor"), ("md+lnch", "head")):  # per-channel LayerNorm outputs, nothing else
+        acts = acc.build_cfg("mini_deit", 2, recipe, 0, 1000, "test", tmp_path, "x", ctx, False) \
+            .quant_config().act_granularity
+        assert acts["attn_in"] == acts["mlp_in"] == "channel" and acts["mlp_hidden"] == "tensor"
+        assert acts["k_act"] == heads
     with pytest.raises(acc.StudyError, match="unknown factor 'kdd'"):
         acc.parse_factors("kdd")
     with pytest.raises(acc.StudyError, match="needs 'kd' before it"):
