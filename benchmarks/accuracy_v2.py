@@ -305,17 +305,22 @@ def plan(args: argparse.Namespace) -> list[Run]:
                 add(model, "bits", RECIPES[key][1], bits, seeds[0], crops, "test")
     main_rows(("paper",))
     main_rows(("cga",))
-    for model in sorted(args.models, key=lambda m: m != "mini_swin"):  # mini Swin first: mini DeiT's 'lr' runs
-        main_rows(("lr",), (model,))                                    # are the ablation's, and 'lnch' gained
-    for model in sorted(args.models, key=lambda m: m != "mini_swin"):  # on mini Swin in its pilot
-        main_rows(("lnch",), (model,))
-    if "mini_deit" in args.models and not args.no_ablation:
-        # the winner's own rows run first, the published recipe's factors last (the report keeps its order)
-        rows = ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1])
-        winners = set(ablation_recipes(RECIPES["best"][1]))
-        for recipe in sorted(rows, key=lambda r: r not in winners):
+    # the sixth sitting's rows ('lr', 'lnch'): mini Swin's first (mini DeiT's 'lr' runs are the ablation's, and
+    # 'lnch' gained on mini Swin in its pilot), then the ablation's rows of the chosen recipe, then mini DeiT's,
+    # then the ablation's rows of the published recipe's factors (the report keeps the ablation's own order)
+    main_rows(("lr", "lnch"), tuple(m for m in args.models if m == "mini_swin"))
+    rows = ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1])
+    chosen = set(ablation_recipes(RECIPES["best"][1]))
+    ablation = "mini_deit" in args.models and not args.no_ablation
+
+    def ablation_rows(recipes: list[str]) -> None:
+        for recipe in recipes if ablation else []:
             for seed in seeds:
                 add("mini_deit", "ablation", recipe, 2, seed, crops, "test")
+
+    ablation_rows([r for r in rows if r in chosen])
+    main_rows(("lr", "lnch"), tuple(m for m in args.models if m != "mini_swin"))
+    ablation_rows([r for r in rows if r not in chosen])
     return runs
 
 
