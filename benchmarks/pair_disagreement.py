@@ -32,7 +32,7 @@ def compare(a: str, b: str, data: str = "fashion_mnist", root: str | None = None
     """Per split: images, both top-1 (%), their difference, the disagreements and the difference's standard error."""
     (ma, meta_a), (mb, meta_b) = (load_model(path) for path in (a, b))
     if meta_a["img_size"] != meta_b["img_size"]:
-        raise SystemExit(f"the two models take images of {meta_a['img_size']} and {meta_b['img_size']} px")
+        raise ValueError(f"the two models take images of {meta_a['img_size']} and {meta_b['img_size']} px")
     rows = []
     for split in splits:
         loader = eval_loader(eval_split(data, split, root, holdout=holdout), meta_a["img_size"])
@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for r in compare(args.a, args.b, args.data, args.root, args.holdout):
+    try:
+        rows = compare(args.a, args.b, args.data, args.root, args.holdout)
+    except ValueError as exc:
+        raise SystemExit(f"pair_disagreement: {exc}") from None
+    for r in rows:
         print(f"{r['split']}: {r['images']} images, top-1 {r['top1'][0]:.2f} / {r['top1'][1]:.2f}, difference "
               f"{r['difference']:+.2f}; they disagree on {r['disagree']} ({100 * r['disagree'] / r['images']:.1f}%): "
               f"standard error of the difference {r['se']:.2f}")

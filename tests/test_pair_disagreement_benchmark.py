@@ -24,5 +24,5 @@ def test_a_model_against_itself_and_against_another_image_size():
     (row,) = mod.compare(str(ASSET), str(ASSET), splits=("holdout",))
     assert row["images"] == 5000 and row["disagree"] == 0 and row["difference"] == 0 and row["se"] == 0
     assert 50 < row["top1"][0] <= 100
-    with pytest.raises(SystemExit, match="28 and 32 px"):
+    with pytest.raises(ValueError, match="28 and 32 px"):
         mod.compare(str(ASSET), str(SWIN))
