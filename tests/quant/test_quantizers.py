@@ -149,3 +149,23 @@ def test_32_bits_is_identity_without_learning():
     q = Quantizer(32)
     x = torch.randn(5)
     assert not q.enabled and q(x) is x and not q.scale.requires_grad
+
+
+def test_a_step_pushed_below_zero_keeps_its_gradient_and_recovers():
+    """Seen in study v2: AdamW pushed per-channel weight steps below zero; under a plain clamp they stayed dead."""
+    w = torch.randn(4, 16)
+    q = Quantizer(2, granularity="channel", size=4, axis=0, is_weight=True)
+    with torch.no_grad():
+        q.scale.copy_(torch.tensor([0.5, -0.01, 0.5, 0.5]))
+    q.initialized.fill_(True)
+    out = q(w)
+    assert out[1].abs().max() <= 2e-8  # the floor step: the whole row is ~0
+    assert torch.equal(out[0], q.scale[0].detach() * (w[0] / q.scale[0].detach()).round().clamp(-2, 1))
+    ((out - w) ** 2).sum().backward()
+    assert q.scale.grad[1] < 0  # the loss asks for a larger step: the gradient reaches the dead one
+    opt = torch.optim.Adam([q.scale], lr=0.01)
+    for _ in range(20):
+        opt.zero_grad()
+        ((q(w) - w) ** 2).sum().backward()
+        opt.step()
+    assert q.scale[1] > 0.05 and q(w)[1].abs().max() > 0.05

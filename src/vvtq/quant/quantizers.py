@@ -206,8 +206,15 @@ class Quantizer(nn.Module):
         return p.view(shape)
 
     def expanded_scale(self, x: Tensor) -> Tensor:
-        """The step size(s), clamped positive, broadcastable to ``x``; differentiable w.r.t. ``self.scale``."""
-        return self._expand(self.scale.clamp_min(_MIN_SCALE), x)
+        """The step size(s), clamped positive, broadcastable to ``x``; differentiable w.r.t. ``self.scale``.
+
+        The clamp passes its gradient straight through: an optimiser step that pushes a step size below zero (AdamW
+        moves a parameter by about the lr whatever its size, and 8-bit or per-channel steps are ~1e-3) leaves the
+        group quantized at the floor, and the gradient brings it back. A plain clamp has zero gradient there: the
+        step stays dead and the group's weights round to 0 for the rest of the run.
+        """
+        floor = self.scale.detach().clamp_min(_MIN_SCALE)
+        return self._expand(floor + (self.scale - self.scale.detach()), x)
 
     def expanded_offset(self, x: Tensor) -> Tensor | None:
         return None if self.offset is None else self._expand(self.offset, x)
