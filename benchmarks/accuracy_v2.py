@@ -58,6 +58,9 @@ RECIPES = {
     "cga": ("LSQ + annealing", "cga"),  # chosen by the paired full-length pilots of the fifth sitting
     "lnch": ("LSQ + per-channel LayerNorm outputs", "lnch"),  # its full-length pilot gained on mini Swin (sixth)
     "lr": ("LSQ at twice the lr", "lr=1e-3"),  # the ablation's strongest row on mini DeiT (sixth sitting)
+    # per-channel weight scales on top, once the dead-step fix had them train; its paired pilots gained on both
+    # models (eighth sitting)
+    "lrmd": ("LSQ at twice the lr, per-channel weight scales", "lr=1e-3+md"),
 }
 # the pilots: mini DeiT W2A2, seed 0, PILOT_CROPS, scored on the held-out images; one factor at a time first
 PILOTS = (  # in order of priority: workers take them first to last
@@ -299,6 +302,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
     # order of importance: the headline comparison seed by seed, the W4A4 / W3A3 rows, the published recipe, then
     # the ablation (the longest part)
     main_rows(("lsq", "best"))
+    main_rows(("lrmd",))  # the eighth sitting's: first among the runs still to do
     for bits in (4, 3):
         for model in args.models:
             for key in ("lsq", "best"):
