@@ -50,17 +50,17 @@ QUICK_CROPS = 256
 WARMUP_CROPS = 3_000
 SEEDS = (0, 1, 2)
 
-# the recipes the study reports; "best" is the one the pilots chose (accuracy_v2_findings.md says why)
+# the recipes the study reports. "best" is the recipe the held-out pilots chose last (eighth sitting: the paired
+# full-length pilots of lr=1e-3+md under the dead-step fix gained on both models); "pilots" is what the short
+# pilots chose first (third sitting). accuracy_v2_findings.md says why, sitting by sitting
 RECIPES = {
     "lsq": ("LSQ baseline", ""),
-    "best": ("vvtq (ours)", "kd+crops=2+lr=1e-3+regn=1"),
+    "best": ("vvtq (ours): module-dependent quantizers at twice the lr", "lr=1e-3+md"),
+    "pilots": ("the short pilots' choice", "kd+crops=2+lr=1e-3+regn=1"),
     "paper": ("published VVTQ recipe", "kd+crops=4+wide+md+reg"),
     "cga": ("LSQ + annealing", "cga"),  # chosen by the paired full-length pilots of the fifth sitting
     "lnch": ("LSQ + per-channel LayerNorm outputs", "lnch"),  # its full-length pilot gained on mini Swin (sixth)
     "lr": ("LSQ at twice the lr", "lr=1e-3"),  # the ablation's strongest row on mini DeiT (sixth sitting)
-    # per-channel weight scales on top, once the dead-step fix had them train; its paired pilots gained on both
-    # models (eighth sitting)
-    "lrmd": ("LSQ at twice the lr, per-channel weight scales", "lr=1e-3+md"),
 }
 # the pilots: mini DeiT W2A2, seed 0, PILOT_CROPS, scored on the held-out images; one factor at a time first
 PILOTS = (  # in order of priority: workers take them first to last
@@ -244,9 +244,16 @@ def build_cfg(model: str, bits: int, recipe: str, seed: int, crops: int, scored_
     """The TrainConfig of one run: the model's LSQ recipe, the factors, then the study's common settings."""
     from vvtq.train import TrainConfig
 
-    spec = TrainConfig.from_yaml(CONFIGS / f"{model}_w{bits}a{bits}_lsq.yaml").to_dict()
+    # bits 32: the FP model trained on, unquantized, with the W2A2 baseline's settings and steps (ceiling rows)
+    base = 2 if bits == 32 else bits
+    spec = TrainConfig.from_yaml(CONFIGS / f"{model}_w{base}a{base}_lsq.yaml").to_dict()
+    lsq_quant = spec["quant"]
     for fname, value in parse_factors(recipe):
         FACTORS[fname][1](spec, ctx, value)
+    if bits == 32:
+        if spec["quant"] != lsq_quant:
+            raise StudyError(f"an FP row (bits 32) takes no quantizer factor; got {recipe!r}")
+        spec["quant"] = None
     batch = 32 if quick else spec["batch_size"]
     steps_per_epoch = (256 if quick else 60_000 - HOLDOUT) // (batch // spec["num_crops"])
     steps = math.ceil(crops / batch)  # whatever the crops per image: the same steps of the same batch
@@ -302,19 +309,19 @@ def plan(args: argparse.Namespace) -> list[Run]:
     # order of importance: the headline comparison seed by seed, the W4A4 / W3A3 rows, the published recipe, then
     # the ablation (the longest part)
     main_rows(("lsq", "best"))
-    main_rows(("lrmd",))  # the eighth sitting's: first among the runs still to do
     for bits in (4, 3):
         for model in args.models:
-            for key in ("lsq", "best"):
+            for key in ("lsq", "best", "pilots"):
                 add(model, "bits", RECIPES[key][1], bits, seeds[0], crops, "test")
     main_rows(("paper",))
+    main_rows(("pilots",))
     main_rows(("cga",))
     # the sixth sitting's rows ('lr', 'lnch'): mini Swin's first (mini DeiT's 'lr' runs are the ablation's, and
-    # 'lnch' gained on mini Swin in its pilot), then the ablation's rows of the chosen recipe, then mini DeiT's,
+    # 'lnch' gained on mini Swin in its pilot), then the ablation's rows of the chosen recipes, then mini DeiT's,
     # then the ablation's rows of the published recipe's factors (the report keeps the ablation's own order)
     main_rows(("lr", "lnch"), tuple(m for m in args.models if m == "mini_swin"))
-    rows = ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1])
-    chosen = set(ablation_recipes(RECIPES["best"][1]))
+    rows = ablation_recipes()
+    chosen = set(ablation_recipes(also=()))
     ablation = "mini_deit" in args.models and not args.no_ablation
 
     def ablation_rows(recipes: list[str]) -> None:
@@ -325,18 +332,25 @@ def plan(args: argparse.Namespace) -> list[Run]:
     ablation_rows([r for r in rows if r in chosen])
     main_rows(("lr", "lnch"), tuple(m for m in args.models if m != "mini_swin"))
     ablation_rows([r for r in rows if r not in chosen])
+    for model in args.models:  # the ceiling: the FP teacher trained on for the same steps, at both lrs
+        for key in ("lsq", "lr"):
+            add(model, "ceiling", RECIPES[key][1], 32, seeds[0], crops, "test")
     return runs
 
 
-def ablation_recipes(best: str, also: str = "") -> list[str]:
-    """Each factor of ``best`` and of ``also`` (the published recipe) alone on the baseline, then ``best``
-    cumulatively, one factor added a row. A factor that needs a teacher ('hard', 'ens', 'cnn') stands on 'kd'."""
+def ablation_recipes(chains: tuple[str, ...] | None = None, also: tuple[str, ...] | None = None) -> list[str]:
+    """Every factor of the ``chains`` (default: the recipes ``best`` and ``pilots``) and of ``also`` (default: the
+    published recipe) alone on the baseline, then each chain cumulatively, one factor added a row. A factor that
+    needs a teacher ('hard', 'ens', 'cnn') stands on 'kd'."""
+    chains = (RECIPES["best"][1], RECIPES["pilots"][1]) if chains is None else chains
+    also = (RECIPES["paper"][1],) if also is None else also
+
     def alone(part: str) -> str:
         return f"kd+{part}" if parse_factors(part)[0][0] in ("hard", "ens", "cnn") else part
 
-    parts = [p for p in best.split("+") if p]
-    singles = [alone(p) for p in [*parts, *(p for p in also.split("+") if p)]]
-    cumulative = ["+".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    parts = [[p for p in recipe.split("+") if p] for recipe in chains]
+    singles = [alone(p) for recipe in (*chains, *also) for p in recipe.split("+") if p]
+    cumulative = ["+".join(ps[:i]) for ps in parts for i in range(1, len(ps) + 1)]
     return list(dict.fromkeys(["", *singles, *cumulative]))
 
 
@@ -609,6 +623,8 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
                 row[f"{key}.w{bits}a{bits}"] = _mean(vals)
                 if bits == 2:
                     row[f"{key}_w2a2_seeds"] = vals
+        # the ceiling: the FP teacher trained on, unquantized, for the same steps at the baseline's and the lr row's lr
+        row["fp_trained_on"] = {key: find(model, RECIPES[key][1], 32, args.seeds[0]) for key in ("lsq", "lr")}
         row["crops_per_run"] = QUICK_CROPS if args.quick else STUDY_CROPS
         summary[model] = row
     limit = 200 if args.quick else None
@@ -617,7 +633,7 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
                     "test": teacher_accuracy(m, "test", limit), "holdout": teacher_accuracy(m, "holdout", limit)}
                 for m in TEACHER_RECIPES if teacher_path(m).is_file()}
     ablation = []
-    for recipe in ablation_recipes(RECIPES["best"][1], RECIPES["paper"][1]):
+    for recipe in ablation_recipes():
         names = [next((r.name for r in runs if r.is_("mini_deit", recipe, 2, s)), None) for s in args.seeds]
         accs = [results[n]["final_acc"] if n in results else None for n in names]
         oscs = [results[n]["osc_lowbit"] if n in results else None for n in names]
@@ -668,6 +684,11 @@ def markdown(doc: dict[str, Any], pilots: list[dict[str, Any]], findings: str | 
             lines.append(f"| {model} | {_fmt(row['fp'])} | {key} | {_fmt(row[key]['w4a4'])} | "
                          f"{_fmt(row[key]['w3a3'])} | {_fmt(row[key]['w2a2'])} | "
                          f"{' / '.join(_fmt(v) for v in seeds)} |")
+    lines += ["", "## Ceiling: the FP teacher trained on, unquantized, for the same steps (seed 0, test set)", "",
+              "| model | FP teacher | + the baseline's training (lr 5e-4) | + lr 1e-3 |", "|---|---|---|---|"]
+    for model, row in doc["summary"].items():
+        ceiling = row.get("fp_trained_on") or {}
+        lines.append(f"| {model} | {_fmt(row['fp'])} | {_fmt(ceiling.get('lsq'))} | {_fmt(ceiling.get('lr'))} |")
     lines += ["", "## Ablation (mini DeiT, W2A2, one factor at a time)", "",
               "| recipe | what | top-1 mean | per seed | oscillating low-bit weights (per seed) |",
               "|---|---|---|---|---|"]

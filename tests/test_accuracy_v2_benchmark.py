@@ -46,12 +46,21 @@ def test_plan_equal_crops_holdout_and_one_factor_at_a_time(tmp_path):
         assert c.holdout == 5000 and c.val_split == "test" and c.init_from.endswith(f"{r.model}_fp.safetensors")
         assert _steps(c) == 938 and c.batch_size == 128  # equal steps of equal crops: >= 120,000 crops
         assert (c.oscillation is not None) == (r.bits == 2)
+    ceiling = {(r.model, r.recipe) for r in runs if r.group == "ceiling"}  # the FP model trained on: no quantizer
+    assert ceiling == {(m, k) for m in acc.MODELS for k in ("", "lr=1e-3")}
+    assert all(r.cfg.quant is None and r.bits == 32 and r.cfg.teacher == {"source": "none"} for r in runs
+               if r.group == "ceiling")
+    with pytest.raises(acc.StudyError, match="an FP row"):
+        acc.build_cfg("mini_deit", 32, "md", 0, 1000, "test", tmp_path, "x", acc.Context("mini_deit", "T", "U"), False)
     w2 = {(r.model, r.recipe, r.seed) for r in runs if r.bits == 2}
-    for key in ("lsq", "best", "paper"):
+    for key in ("lsq", "best", "pilots", "paper"):
         assert {(m, acc.RECIPES[key][1], s) for m in acc.MODELS for s in (0, 1, 2)} <= w2
     # every cumulative ablation row adds exactly one factor to the row before it
-    rows = acc.ablation_recipes("kd+hard=0.5+md", "kd+crops=4+wide")
-    assert rows == ["", "kd", "kd+hard=0.5", "md", "crops=4", "wide", "kd+hard=0.5+md"]
+    rows = acc.ablation_recipes(("kd+hard=0.5+md", "lr=1e-3+md"), ("kd+crops=4+wide",))
+    assert rows == ["", "kd", "kd+hard=0.5", "md", "lr=1e-3", "crops=4", "wide", "kd+hard=0.5+md", "lr=1e-3+md"]
+    # the default: the chosen recipe and the pilots' choice built up row by row, the published recipe's factors alone
+    rows = acc.ablation_recipes()
+    assert {"lr=1e-3", "md", "lr=1e-3+md", "kd+crops=2", "kd+crops=2+lr=1e-3", "wide", "reg"} <= set(rows)
     cfgs = {r: acc.build_cfg("mini_deit", 2, r, 0, 1000, "test", tmp_path, "x", acc.Context("mini_deit", "T", "U"),
                              False) for r in ("", "kd", "kd+crops=4", "kd+crops=4+wide", "kd+ens", "md", "sgelu")}
     assert cfgs[""].teacher == {"source": "none"} and cfgs[""].crop_scale == (0.8, 1.0)

@@ -15,7 +15,7 @@ from vvtq.train import CheckpointError, ConfigError, TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 FP = "mini_deit_fp"  # a shipped recipe, by name
-QAT = "mini_deit_w2a2_vvtq"
+QAT = "mini_deit_w2a2_paper"  # the published recipe: 4 crops, KD, regularizer
 NO_DATA = "data_root=/nonexistent/fmnist"  # any attempt to read images would fail with another message
 
 

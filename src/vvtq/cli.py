@@ -21,8 +21,8 @@ from .errors import ConfigError, VVTQError
 EPILOG_TRAIN = """examples:
   vvtq recipes                                                        # the shipped recipes
   vvtq train --config mini_deit_fp                                    # FP teacher (a shipped recipe)
-  vvtq train --config mini_deit_w2a2_vvtq                             # W2A2 QAT, multi-crop KD + regularizer
-  vvtq train --config mini_deit_w2a2_vvtq --wbits 3 --abits 3 --epochs 2 --set regularizer.lambda_max=0.1
+  vvtq train --config mini_deit_w2a2_vvtq                             # W2A2 QAT, the recipe we ship
+  vvtq train --config mini_deit_w2a2_paper --wbits 3 --set regularizer.lambda_max=0.1   # the published one
   vvtq train --config my_recipe.yaml                                  # a recipe file of your own
   torchrun --nproc_per_node 2 -m vvtq train --config ...              # data-parallel (gloo on CPU)
   vvtq train --config ... --resume                                    # continue from OUT/last.safetensors

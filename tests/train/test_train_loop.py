@@ -284,4 +284,4 @@ def test_typos_in_sub_mappings_fail_before_any_data_is_read(override, message):
     from vvtq.train import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        TrainConfig.from_yaml("mini_deit_w2a2_vvtq", [override])
+        TrainConfig.from_yaml("mini_deit_w2a2_paper", [override])
