@@ -157,3 +157,22 @@ def test_quick_pilots_two_workers_then_resume(tmp_path):
     assert res.stdout.count("starting") == 1 and "(continuing)" in res.stdout
     after = json.loads((store / done[1]).read_text())
     assert after["resumed"] and after["final_acc"] == before["final_acc"] and after["steps"] == before["steps"]
+
+
+def test_the_shipped_vvtq_recipes_train_the_studys_best_recipe(tmp_path):
+    """`mini_*_w2a2_vvtq` (and the demo's) is what the study measured as `best`, and `*_paper` its `paper`: every
+    training setting but the study's own bookkeeping (data split, length, logging) is the same."""
+    from vvtq.train import TrainConfig
+
+    acc = _module()
+    ctx = acc.Context("mini_deit", "T", "U")
+    same = ("quant", "teacher", "regularizer", "num_crops", "crop_scale", "lr", "min_lr", "weight_decay", "clip_grad",
+            "label_smoothing", "batch_size", "calib_batches")
+    for model in acc.MODELS:
+        for key, recipe in (("best", f"{model}_w2a2_vvtq"), ("paper", f"{model}_w2a2_paper")):
+            study = acc.build_cfg(model, 2, acc.RECIPES[key][1], 0, 1000, "test", tmp_path, "x", ctx, False)
+            shipped = TrainConfig.from_recipe(recipe, ["teacher.checkpoint=T"] if key == "paper" else [])
+            for name in same:
+                assert getattr(shipped, name) == getattr(study, name), (recipe, name)
+    demo = TrainConfig.from_recipe("demo_mini_deit_w2a2")
+    assert all(getattr(demo, n) == getattr(TrainConfig.from_recipe("mini_deit_w2a2_vvtq"), n) for n in same)
