@@ -84,7 +84,7 @@ for name in recipe_names():
     teacher = yaml.safe_load(recipe_text(name)).get("teacher") or {}
     sets = ["teacher.checkpoint=T"] if teacher.get("source") == "live" and not teacher.get("checkpoint") else []
     loaded[name] = TrainConfig.from_yaml(name, sets).model
-TrainConfig.from_recipe(QAT_RECIPE, ["teacher.checkpoint=T"]), TrainConfig.from_recipe(TEACHER_RECIPE)
+TrainConfig.from_recipe(QAT_RECIPE), TrainConfig.from_recipe(TEACHER_RECIPE)
 assert main(["recipes"]) == 0
 print(json.dumps({"file": vvtq.__file__, "loaded": loaded}))
 """

@@ -276,6 +276,9 @@ def test_ensemble_teacher_averages_probabilities_at_each_input_size(tmp_path):
     ("single_crop_frac=1", r"single_crop_frac must be in \[0, 1\)"),
     ("teacher={source: none, hard: 1}", "unknown key.*in teacher: hard"),
     ("teacher={source: none, hard_weight: 2}", r"hard_weight must be in \[0, 1\]"),
+    ("teacher={source: none, checkpoint: T}", "teacher.checkpoint is set but teacher.source is none"),
+    ("teacher={checkpoint: T}", "teacher.checkpoint is set but teacher.source is none"),  # source left out
+    ("teacher={source: none, softlabels: L}", "teacher.softlabels is set but teacher.source is none"),
     ("quant_lr_scale=0", "quant_lr_scale must be positive"),
     ("holdout=-5", "holdout must be a number of images >= 0"),
     ("weight_quant_lr_scale=-1", "weight_quant_lr_scale not negative"),

@@ -148,6 +148,9 @@ class TrainConfig:
         if self.quant_lr_scale <= 0 or (self.weight_quant_lr_scale or 0) < 0:
             raise ConfigError(f"quant_lr_scale must be positive and weight_quant_lr_scale not negative; got "
                               f"{self.quant_lr_scale}, {self.weight_quant_lr_scale}")
+        if source == "none" and (unused := [k for k in ("checkpoint", "softlabels") if self.teacher.get(k)]):
+            raise ConfigError(f"teacher.{unused[0]} is set but teacher.source is none (hard labels), so it would be "
+                              "ignored: set teacher.source to live (a checkpoint) or file (soft labels), or drop it")
         if source == "live" and not self.teacher.get("checkpoint"):
             raise ConfigError("teacher.source=live needs teacher.checkpoint")
         if source == "file" and not self.teacher.get("softlabels"):
