@@ -282,7 +282,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
             prefix = "pilot_" if crops == PILOT_CROPS or args.quick else f"pilot{crops // 1000}k_"
             prefix += f"{args.tag}_" if args.tag else ""
         name = f"{prefix}{model}_{recipe_key(recipe)}_w{bits}a{bits}_s{seed}" if bits != 32 else \
-            f"{model}_fp_trained_on_{recipe_key(recipe).replace('lsq', 'base')}_s{seed}"  # unquantized: no "lsq"
+            f"{model}_fp_trained_on_{recipe_key(recipe) if recipe else 'base'}_s{seed}"  # unquantized: no "lsq"
         cfg = build_cfg(model, bits, recipe, seed, crops, scored_on, work, name, ctx, args.quick)
         key = _signature(cfg.to_dict())
         if key in seen:
