@@ -45,7 +45,15 @@ class ImageFolderDataset(ImageDataset):
 
     When ``classes`` is not given and ``root/train`` exists, the class list comes from ``root/train`` so that
     label indices of every split agree with training.
+
+    Decoded images are kept in memory (uint8) up to ``cache_bytes`` (default 2 GiB), so that each file is
+    decoded once per process: on CIFAR-10's 32 px JPEGs decoding costs about 5x the crop (336 vs 63 us an image
+    here), and the 50,000 decoded images take 150 MB. Past the budget, images are decoded each time they are read,
+    which is the right trade for an ImageNet-size folder. ``cache_bytes=0`` turns the cache off.
     """
+
+    #: default in-memory budget for decoded images
+    DEFAULT_CACHE_BYTES = 2 << 30
 
     name = "image_folder"
 
@@ -55,6 +63,7 @@ class ImageFolderDataset(ImageDataset):
         split: str = "train",
         classes: Sequence[str] | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         root_p = Path(root)
         if not root_p.is_dir():
@@ -96,6 +105,9 @@ class ImageFolderDataset(ImageDataset):
         self.label_array = np.asarray(labels, dtype=np.int64)
         self._classes = classes
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.cache_bytes = int(cache_bytes)
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.files)
@@ -113,6 +125,17 @@ class ImageFolderDataset(ImageDataset):
         return self.split_dir / self.files[self._check_index(i)]
 
     def get_image(self, i: int) -> torch.Tensor:
+        i = self._check_index(i)
+        pixels = self._cache.get(i)
+        if pixels is None:
+            pixels = self._decode(i)
+            if self._cached_bytes + pixels.numel() <= self.cache_bytes:
+                self._cache[i] = pixels
+                self._cached_bytes += pixels.numel()
+        return pixels.to(torch.float32).div_(255.0)
+
+    def _decode(self, i: int) -> torch.Tensor:
+        """Image ``i`` decoded as uint8 ``[3, H, W]``."""
         from PIL import Image, UnidentifiedImageError
 
         p = self.path(i)
@@ -121,7 +144,7 @@ class ImageFolderDataset(ImageDataset):
                 arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise DatasetError(f"cannot load image {p}: {e}") from e
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
     def get_label(self, i: int) -> int:
         return int(self.label_array[self._check_index(i)])

@@ -53,11 +53,13 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
+    optimizer: str = "adamw"  # or "sgd": Nesterov SGD with momentum betas[0] (the CNN teacher's optimiser)
     label_smoothing: float = 0.0
     clip_grad: float | None = 1.0
     quant_lr_scale: float = 1.0  # lr of the quantizers' step sizes and offsets, as a multiple of ``lr``
     weight_quant_lr_scale: float | None = None  # the weight quantizers' step sizes (None: quant_lr_scale; 0: fixed)
     seed: int = 0
+    channels_last: bool = False  # NHWC memory layout (convolutional models run ~1.4x faster on the CPU)
     # quantization-aware training
     quant: dict[str, Any] | None = None
     calib_batches: int = 4
@@ -138,6 +140,8 @@ class TrainConfig:
                               "num_crops > 1; got num_crops=1")
         if self.batch_size % self.num_crops:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of num_crops ({self.num_crops})")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be adamw or sgd; got {self.optimizer!r}")
         if self.epochs <= 0 or self.lr <= 0:
             raise ConfigError("epochs and lr must be positive")
         source = (self.teacher or {}).get("source", "none")

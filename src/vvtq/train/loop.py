@@ -134,7 +134,8 @@ class _Run:
             from ..quant import quantize_model
 
             quantize_model(model, self.qcfg)
-        self.core = self.model = model.to(self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.core = self.model = model.to(self.device, memory_format=self.memory_format)
 
     def build_targets(self) -> None:
         """The multi-crop views (replayed from a soft-label file with ``teacher.source: file``), their batch
@@ -205,13 +206,17 @@ class _Run:
             self.calib_digests = check_replicas_agree(self.model)
 
     def build_optimizer(self) -> None:
-        """DDP (with several ranks) and AdamW; a resumed run takes its optimizer state, step and history."""
+        """DDP (with several ranks) and AdamW (or Nesterov SGD); a resumed run takes its optimizer state, step and
+        history."""
         cfg, device = self.cfg, self.device
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(
                 self.core, device_ids=[device.index] if device.type == "cuda" else None)
         groups = param_groups(self.core, cfg.weight_decay, cfg.quant_lr_scale, cfg.weight_quant_lr_scale)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0], nesterov=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
         if self.ckpt is None:
             return
         try:
@@ -292,6 +297,7 @@ class _Run:
         cfg = self.cfg
         torch.manual_seed(cfg.seed * 1_000_003 + self.rank * 7_919 + self.step)  # drop-path etc.: a function of step
         x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device)
+        x = x.contiguous(memory_format=self.memory_format)
         lr = lr_at(self.step, self.plan.total_steps, self.plan.warmup, cfg.lr, cfg.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
