@@ -106,7 +106,7 @@ def train_check(name: str, size: int, device: torch.device, p: dict) -> dict:
     from vvtq.distill import distill_loss
     from vvtq.export.format import read_packed
     from vvtq.export.runtime import build_runtime
-    from vvtq.regularize import ModelBinRegularizer
+    from vvtq.qat import BinRegularizer
 
     in_chans = 1 if name.startswith("mini") else 3
     data = synthetic_images(p["images"], size, in_chans)
@@ -138,7 +138,7 @@ def train_check(name: str, size: int, device: torch.device, p: dict) -> dict:
     it = batches(NUM_CROPS)
     vvtq.calibrate(student, [next(it)[0].to(device) for _ in range(2)])
     student.train()
-    reg = ModelBinRegularizer(student, p["qat_steps"], lambda_max=0.01, start_frac=0.0)
+    reg = BinRegularizer(student, p["qat_steps"], lambda_max=0.01, start_frac=0.0)
     opt = torch.optim.AdamW(student.parameters(), lr=2e-4)
     t0, losses = time.time(), []
     for step in range(p["qat_steps"]):

@@ -21,7 +21,7 @@ import timm
 import torch
 
 import vvtq
-from vvtq.regularize import bin_regularizer_loss
+from vvtq.qat.regularizer import bin_regularizer_loss
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,8 +1,8 @@
 """Test-wide settings: deterministic, few threads (the machine has 2 cores)."""
 import os
 
-# eager fake-quant and regularizer kernels unless a test asks for the compiled ones (they are checked against
-# eager in tests/quant/test_fake_quant.py and tests/test_regularize.py): compiling costs ~10 s a process
+# eager fake-quant kernels unless a test asks for the compiled ones (they are checked against eager in
+# tests/quant/test_fake_quant.py): compiling costs ~10 s a process
 os.environ.setdefault("VVTQ_FUSED", "0")
 
 import torch  # noqa: E402

@@ -48,7 +48,7 @@ def test_plan_equal_crops_holdout_and_one_factor_at_a_time(tmp_path):
         assert (c.oscillation is not None) == (r.bits == 2)
     ceiling = {(r.model, r.recipe) for r in runs if r.group == "ceiling"}  # the FP model trained on: no quantizer
     assert ceiling == {(m, k) for m in acc.MODELS for k in ("", "lr=1e-3")}
-    assert all(r.cfg.quant is None and r.bits == 32 and r.cfg.teacher == {"source": "none"} for r in runs
+    assert all(r.cfg.quant is None and r.bits == 32 and r.cfg.teacher.to_dict() == {"source": "none"} for r in runs
                if r.group == "ceiling")
     with pytest.raises(acc.StudyError, match="an FP row"):
         acc.build_cfg("mini_deit", 32, "md", 0, 1000, "test", tmp_path, "x", acc.Context("mini_deit", "T", "U"), False)

@@ -26,13 +26,11 @@ def test_train_help_is_useful(capsys):
     text = capsys.readouterr().out
     for word in ("--config", "--resume", "--set", "torchrun", "quant.", "teacher."):
         assert word in text
-    from dataclasses import fields
-
-    from vvtq.train import TrainConfig
+    from vvtq.train.config import setting_names
 
     flat = " ".join(text.split())
-    for f in fields(TrainConfig):  # the settings list is made from the config, so none is missing
-        assert f" {f.name}" in flat or f"{f.name}." in flat, f.name
+    for name in setting_names():  # the settings list is made from the config and the levers, so none is missing
+        assert f" {name}" in flat or f"{name}." in flat, name
     for key in ("regularizer.{lambda_max", "units}", "freeze_threshold", "gelu_signed", "hard_weight"):
         assert key in flat
 
@@ -92,11 +90,11 @@ def test_common_settings_flags_override_the_recipe_and_set(monkeypatch, tmp_path
             str(tmp_path / "o"), "--init-from", "fp.safetensors", "--teacher", "t.safetensors"]
     assert main(argv) == 0
     cfg = seen[0]
-    assert cfg.quant["preset"] == "lsq" and cfg.quant["wbits"] == 3 and cfg.quant["abits"] == 4
+    assert cfg.quant.preset == "lsq" and cfg.quant.wbits == 3 and cfg.quant.abits == 4
     assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed) == (0.5, 2e-4, 64, 7)
     assert cfg.out == str(tmp_path / "o") and cfg.init_from == "fp.safetensors"
-    assert cfg.teacher["source"] == "live" and cfg.teacher["checkpoint"] == "t.safetensors"
-    assert cfg.regularizer == {"lambda_max": 0.01, "start_frac": 0.25}  # the rest comes from the recipe
+    assert cfg.teacher.source == "live" and cfg.teacher.checkpoint == "t.safetensors"
+    assert cfg.regularizer.to_dict() == {"lambda_max": 0.01, "start_frac": 0.25}  # the rest comes from the recipe
     qc = cfg.quant_config()
     assert (qc.wbits, qc.abits, qc.split_qkv) == (3, 4, False)
     assert main(["train", "--config", f"{QAT}.yaml", "--out", str(tmp_path / "p")]) == 0  # name with .yaml
@@ -296,3 +294,64 @@ def test_eval_onnx_refuses_bad_files_with_one_line(tmp_path, capsys):
         assert main(["eval", "--onnx", str(path), "--limit", "4", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("vvtq: error:") and message in err[0], err
+
+
+def _checkpoint_with_spec_dataset(path: Path) -> Path:
+    """A calibrated W2A2 mini DeiT checkpoint whose spec records its training set (as the training loop writes
+    it) and which has no training settings at all."""
+    import timm
+
+    import vvtq.models  # noqa: F401
+    from vvtq.checkpoint import save_checkpoint
+    from vvtq.data.splits import train_val_datasets
+    from vvtq.quant import QuantConfig, calibrate, quantize_model
+    from vvtq.spec import ModelSpec
+
+    torch.manual_seed(0)
+    m = quantize_model(timm.create_model("mini_deit", depth=1), QuantConfig.preset("vvtq", 2))
+    calibrate(m, [torch.randn(8, 1, 28, 28)])
+    train, _ = train_val_datasets("fashion_mnist", None, "holdout", 100)
+    spec = ModelSpec("mini_deit", {"depth": 1}, img_size=28, mean=[0.286], std=[0.353], dataset=train.identity())
+    save_checkpoint(path, m.state_dict(), spec.with_quant(m.vvtq_config).to_dict())
+    return path
+
+
+def test_eval_and_export_take_the_dataset_from_the_spec(tmp_path, capsys):
+    """``vvtq eval`` and ``vvtq export`` read the data, root, validation split and holdout from the spec."""
+    from vvtq.export import read_packed
+
+    ckpt = _checkpoint_with_spec_dataset(tmp_path / "q.safetensors")
+    assert main(["eval", "--checkpoint", str(ckpt), "--limit", "20"]) == 0
+    assert "(20 images)" in capsys.readouterr().out
+    packed = tmp_path / "q.vvtq.safetensors"
+    assert main(["export", str(ckpt), "--out", str(packed)]) == 0
+    data = read_packed(packed).header["data"]
+    assert (data["name"], data["split"], data["holdout"]) == ("fashion_mnist", "holdout", 100)
+    assert data["root"] and Path(data["root"]).is_dir()
+    assert main(["eval", "--packed", str(packed), "--limit", "20"]) == 0
+
+
+def test_export_of_a_packed_file_names_what_it_is_and_what_reads_it(tmp_path, capsys):
+    ckpt = _checkpoint_with_spec_dataset(tmp_path / "q.safetensors")
+    packed = tmp_path / "q.vvtq.safetensors"
+    assert main(["export", str(ckpt), "--out", str(packed)]) == 0
+    capsys.readouterr()
+    for argv in (["export", str(packed), "--out", str(tmp_path / "again.vvtq.safetensors")],
+                 ["eval", "--checkpoint", str(packed)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is a packed integer export" in err[0], err
+        assert f"vvtq eval --packed {packed}" in err[0], err
+    assert not (tmp_path / "again.vvtq.safetensors").exists()
+
+
+def test_onnx_commands_without_the_onnx_extra_name_it(tmp_path, monkeypatch, capsys):
+    import vvtq.export.onnx_runtime as ort_mod
+
+    monkeypatch.setattr(ort_mod, "missing_onnx_packages", lambda: ["onnx", "onnxscript"])
+    ckpt = tmp_path / "q.safetensors"  # never read: the check comes first
+    for argv in (["export", str(ckpt), "--out", str(tmp_path / "q.vvtq.safetensors"), "--onnx", "m.onnx"],
+                 ["eval", "--onnx", str(tmp_path / "m.onnx")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "needs onnx, onnxscript" in err[0] and "pip install 'vvtq[onnx]'" in err[0], err

@@ -6,7 +6,7 @@
     ...                                                               # train: README "Your own training loop"
     vvtq.export(model, "model.vvtq.safetensors")                      # packed integers (onnx=... for ONNX too)
 
-The pieces of a custom loop: ``distill_loss`` (soft cross-entropy against a teacher), ``ModelBinRegularizer``
+The pieces of a custom loop: ``distill_loss`` (soft cross-entropy against a teacher), ``BinRegularizer``
 (the oscillation-aware bin regularizer), ``OscillationTracker``, ``evaluate`` / ``eval_loader`` and
 ``set_integer_eval`` (a quantized model in eval mode computes in the integer domain, as its packed file does;
 ``False`` evaluates on the fake-quant path instead).
@@ -17,11 +17,11 @@ quiet_no_cuda_runtime_warning()  # torch's "No CUDA runtime is found" line on a 
 
 from . import export, models  # noqa: E402, F401  (models registers the minis with timm; export is callable)
 from .analysis.oscillation import OscillationTracker  # noqa: E402
-from .anneal import ConfidenceAnnealer  # noqa: E402
 from .distill import distill_loss, soft_cross_entropy  # noqa: E402
 from .errors import VVTQError  # noqa: E402
 from .evaluation import eval_loader, evaluate  # noqa: E402
 from .modelio import build_model, load_model, save_model  # noqa: E402
+from .qat import BinRegularizer, ConfidenceAnnealer  # noqa: E402
 from .quant import (  # noqa: E402
     QuantConfig,
     QuantizerError,
@@ -32,12 +32,11 @@ from .quant import (  # noqa: E402
     set_integer_eval,
     set_quantization_enabled,
 )
-from .regularize import ModelBinRegularizer  # noqa: E402
 from .spec import ModelSpec  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "ConfidenceAnnealer", "ModelBinRegularizer", "ModelSpec", "OscillationTracker", "QuantConfig", "QuantizerError",
+    "BinRegularizer", "ConfidenceAnnealer", "ModelSpec", "OscillationTracker", "QuantConfig", "QuantizerError",
     "VVTQError",
     "__version__", "build_model", "calibrate", "distill_loss", "eval_loader", "evaluate", "export",
     "iter_act_quantizers", "iter_weight_quantizers", "load_model", "quantize_model", "save_model",

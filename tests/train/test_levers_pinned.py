@@ -29,6 +29,9 @@ CASES = {
                            "oscillation={every: 1, momentum: 0.5, freeze_threshold: 0.02}"],
     "hard_weight_anneal": [f"teacher={{source: live, checkpoint: {TEACHER}, hard_weight: 0.3}}", "num_crops=2",
                            "anneal={start_frac: 0.3}"],
+    "anneal_then_freeze": ["teacher={source: none}", "num_crops=1", "anneal={start_frac: 0.3}",
+                           "oscillation={every: 1, momentum: 0.5, freeze_threshold: 0.02}",
+                           "regularizer={lambda_max: 0.1, start_frac: 0.0}"],
     "softlabel_file": ["teacher={source: file, softlabels: LABELS}", "num_crops=2",
                        "regularizer={lambda_max: 0.01, start_frac: 0.0, units: step, bins: group}"],
 }

@@ -4,27 +4,65 @@ from __future__ import annotations
 
 import copy
 import difflib
-import inspect
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..errors import ConfigError
+from ..qat import LEVERS, LeverSettings, TeacherSettings
+from ..settings import Settings, coerce
 
-__all__ = ["ConfigError", "TrainConfig", "settings_help", "sub_mapping_keys"]
+__all__ = ["ConfigError", "QuantSettings", "TrainConfig", "settings_help", "sub_mapping_keys"]
+
+
+@dataclass
+class QuantSettings(Settings):
+    """Recipe setting ``quant``: a ``QuantConfig`` preset (``lsq`` or ``vvtq``) and the fields it changes (unset
+    fields keep the preset's), plus ``overrides_file`` (a mixed-precision file from ``vvtq analyze
+    --bit-budget``). See ``vvtq.quant.QuantConfig`` for each field."""
+
+    preset: str = "vvtq"
+    overrides_file: str | None = None
+    wbits: int = 4
+    abits: int | None = None
+    edge_bits: int | None = None
+    split_qkv: bool | None = None
+    weight_granularity: dict[str, str] | None = None
+    act_granularity: dict[str, str] | None = None
+    gelu_offset: bool | None = None
+    gelu_signed: bool | None = None
+    grad_scale: str | None = None
+    act_init: str | None = None
+    overrides: dict[str, dict[str, int]] | None = None
+
+    def validate(self) -> None:
+        from ..quant import QuantizerError
+
+        try:
+            self.quant_config()
+        except QuantizerError as exc:
+            raise ConfigError(f"quant: {exc}") from None
+
+    def quant_config(self):
+        """The ``QuantConfig`` these settings ask for."""
+        from ..quant import QuantConfig
+
+        changes = {f.name: getattr(self, f.name) for f in fields(self)
+                   if f.init and f.name not in ("preset", "overrides_file", "wbits", "abits")
+                   and getattr(self, f.name) is not None}
+        cfg = QuantConfig.preset(self.preset, self.wbits, self.abits, **changes)
+        return cfg.with_overrides_file(self.overrides_file) if self.overrides_file else cfg
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of one training run. FP training is ``quant: null``; QAT sets ``quant``.
+    """Every knob of one training run. FP training is ``quant: null``; QAT sets ``quant`` (``QuantSettings``).
 
-    ``quant`` holds ``preset`` (``lsq``/``vvtq``), ``wbits``, ``abits`` and any other ``QuantConfig`` field,
-    plus ``overrides_file`` (a mixed-precision file from ``vvtq analyze --bit-budget``).
-    ``teacher`` holds ``source`` (``none``: hard labels; ``live``: a checkpoint, or a list of them averaged, run on
-    the same crops;
-    ``file``: soft labels from ``vvtq softlabels``), ``checkpoint``, ``softlabels`` and ``hard_weight``.
+    ``teacher`` (``vvtq.qat.TeacherSettings``) says what the student learns from. The QAT levers registered in
+    ``vvtq.qat`` (``regularizer``, ``anneal``, ``oscillation``, ...) are settings of the recipe too: each is null
+    (off) or a mapping read as its typed settings class, and held in ``levers``; ``cfg.regularizer`` reads it.
     """
 
     # model
@@ -61,12 +99,10 @@ class TrainConfig:
     seed: int = 0
     channels_last: bool = False  # NHWC memory layout (convolutional models run ~1.4x faster on the CPU)
     # quantization-aware training
-    quant: dict[str, Any] | None = None
+    quant: QuantSettings | None = None
     calib_batches: int = 4
-    teacher: dict[str, Any] = field(default_factory=lambda: {"source": "none"})
-    regularizer: dict[str, Any] | None = None  # {"lambda_max": 0.01, "start_frac": 0.25}
-    oscillation: dict[str, Any] | None = None  # {"every": 1, "freeze_threshold": null}
-    anneal: dict[str, Any] | None = None  # confidence-guided annealing (vvtq.anneal): {"start_frac": 0.9}
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    levers: dict[str, LeverSettings] = field(default_factory=dict)  # recipe keys: the names in vvtq.qat.LEVERS
     # bookkeeping
     out: str = "runs/run"
     log_every: int = 20
@@ -108,26 +144,41 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
+        names = setting_names()
+        unknown = set(data) - set(names)
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}")
         data = copy.deepcopy(data)
+        levers = {name: LEVERS[name].from_mapping(name, value) for name in LEVERS
+                  if (value := data.pop(name, None)) is not None}
+        if data.get("teacher") is not None:
+            data["teacher"] = TeacherSettings.from_mapping("teacher", data["teacher"])
+        else:
+            data.pop("teacher", None)
+        if data.get("quant") is not None:
+            data["quant"] = QuantSettings.from_mapping("quant", data["quant"])
         for f in fields(cls):
-            if f.name in data:
-                data[f.name] = _coerce(f.name, f.type, data[f.name])
-        cfg = cls(**data)
+            if f.name in data and f.name not in ("teacher", "quant"):
+                if f.name == "model_kwargs" and not isinstance(data[f.name], dict):
+                    raise ConfigError(f"setting 'model_kwargs' must be a mapping; got {data[f.name]!r}")
+                data[f.name] = coerce(f.name, f.type, data[f.name])
+        cfg = cls(**data, levers=levers)
         cfg.crop_scale, cfg.betas = tuple(cfg.crop_scale), tuple(cfg.betas)
         return cfg.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        """A lever's settings by its recipe name (``cfg.regularizer``), or None when the recipe leaves it off."""
+        if name in LEVERS:
+            return self.__dict__.get("levers", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def apply(self, overrides: list[str]) -> TrainConfig:
         """A copy with ``key=value`` overrides applied (see ``_apply_overrides``)."""
         return TrainConfig.from_dict(_apply_overrides(self.to_dict(), overrides))
 
     def validate(self) -> TrainConfig:
-        """Check every setting, and every key of the mapping-valued ones, without reading any data; return
-        ``self`` or raise one ``ConfigError``."""
-        self._check_mappings()
+        """Check the settings that depend on each other (each sub-setting checked itself when read), without
+        reading any data; return ``self`` or raise one ``ConfigError``."""
         if self.num_crops < 1 or self.batch_size < 1:
             raise ConfigError(f"num_crops and batch_size must be >= 1; got {self.num_crops}, {self.batch_size}")
         lo, hi = self.crop_scale
@@ -144,154 +195,61 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be adamw or sgd; got {self.optimizer!r}")
         if self.epochs <= 0 or self.lr <= 0:
             raise ConfigError("epochs and lr must be positive")
-        source = (self.teacher or {}).get("source", "none")
-        if source not in ("none", "live", "file"):
-            raise ConfigError(f"teacher.source must be none, live or file; got {source!r}")
         if self.holdout < 0:
             raise ConfigError(f"holdout must be a number of images >= 0; got {self.holdout}")
         if self.quant_lr_scale <= 0 or (self.weight_quant_lr_scale or 0) < 0:
             raise ConfigError(f"quant_lr_scale must be positive and weight_quant_lr_scale not negative; got "
                               f"{self.quant_lr_scale}, {self.weight_quant_lr_scale}")
-        if source == "none" and (unused := [k for k in ("checkpoint", "softlabels") if self.teacher.get(k)]):
-            raise ConfigError(f"teacher.{unused[0]} is set but teacher.source is none (hard labels), so it would be "
-                              "ignored: set teacher.source to live (a checkpoint) or file (soft labels), or drop it")
-        if source == "live" and not self.teacher.get("checkpoint"):
-            raise ConfigError("teacher.source=live needs teacher.checkpoint")
-        if source == "file" and not self.teacher.get("softlabels"):
-            raise ConfigError("teacher.source=file needs teacher.softlabels (made by `vvtq softlabels`)")
-        from ..quant import QuantizerError
-
-        try:
-            self.quant_config()
-        except QuantizerError as exc:
-            raise ConfigError(f"quant: {exc}") from None
+        if self.quant is None and (qat := [n for n, s in self.levers.items() if s.qat_only]):
+            raise ConfigError(f"{qat[0]} acts on quantized weights but this recipe trains in float (quant: null): "
+                              f"set quant or drop {qat[0]}")
         return self
-
-    def _check_mappings(self) -> None:
-        """Every key of ``quant``, ``teacher``, ``regularizer``, ``oscillation`` and ``anneal`` is one its consumer
-        takes, and its values are accepted: a typo fails here, before any data is read, not after calibration."""
-        from ..analysis.oscillation import OscillationTracker
-        from ..anneal import ConfidenceAnnealer
-        from ..regularize import ModelBinRegularizer
-
-        for name, known in sub_mapping_keys().items():
-            mapping = getattr(self, name)
-            if mapping is None:
-                continue
-            if not isinstance(mapping, dict):
-                raise ConfigError(f"setting {name!r} must be a mapping (or null); got {mapping!r}")
-            unknown = sorted(map(str, set(mapping) - set(known)))
-            if unknown:
-                close = [c[0] for k in unknown if (c := difflib.get_close_matches(k, known, n=1))]
-                hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-                raise ConfigError(f"unknown key(s) in {name}: {', '.join(unknown)}{hint}; valid keys: "
-                                  f"{', '.join(known)}")
-        if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
-            raise ConfigError(f"setting 'model_kwargs' must be a mapping; got {self.model_kwargs!r}")
-        try:
-            if self.regularizer is not None:
-                ModelBinRegularizer([], 1, **self.regularizer)
-            if self.oscillation is not None:
-                OscillationTracker([], **{k: v for k, v in self.oscillation.items() if k != "dtype"})
-            if self.anneal is not None:
-                ConfidenceAnnealer([], 1, **self.anneal)
-            if not 0.0 <= float((self.teacher or {}).get("hard_weight", 0.0)) <= 1.0:
-                raise ValueError(f"teacher.hard_weight must be in [0, 1]; got {self.teacher['hard_weight']}")
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(str(exc)) from None
 
     def quant_config(self):
         """The ``QuantConfig`` this recipe asks for, or ``None`` for FP training."""
-        if self.quant is None:
-            return None
-        from ..quant import QuantConfig
+        return None if self.quant is None else self.quant.quant_config()
 
-        spec = dict(self.quant)
-        preset = spec.pop("preset", "vvtq")
-        overrides_file = spec.pop("overrides_file", None)
-        cfg = QuantConfig.preset(preset, **spec)
-        return cfg.with_overrides_file(overrides_file) if overrides_file else cfg
+    def lever_settings(self) -> list[LeverSettings]:
+        """The settings of the levers this recipe turns on, in the order the loop calls them."""
+        return sorted((self.levers[name] for name in LEVERS if name in self.levers), key=lambda s: s.order)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["crop_scale"], data["betas"] = list(self.crop_scale), list(self.betas)
+        """The recipe as a plain mapping (what ``from_dict`` reads back; what checkpoints record)."""
+        data: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "levers":
+                continue
+            if isinstance(value, Settings):
+                value = value.to_dict()
+            data[f.name] = list(value) if isinstance(value, tuple) else copy.deepcopy(value)
+            if f.name == "teacher":
+                data.update({name: s.to_dict() if (s := self.levers.get(name)) else None for name in LEVERS})
         return data
 
 
-def _coerce(name: str, kind: str, value: Any) -> Any:
-    """``value`` as the type ``kind`` (a field's annotation, as text) of the setting ``name``, or ``ConfigError``.
-
-    YAML reads ``1e-3`` as a string: numbers given as strings are converted; an integral float is accepted for
-    an ``int`` and a number for a ``str`` (``out=123``); anything else of the wrong type is refused here, before
-    it can fail somewhere inside training."""
-    optional = kind.endswith(" | None")
-    base = kind.removesuffix(" | None")
-    if value is None:
-        if optional or base.startswith("dict"):
-            return None
-        raise ConfigError(f"setting {name!r} cannot be null")
-    if base in ("int", "float"):
-        if isinstance(value, str):
-            try:
-                value = float(value) if base == "float" else int(value)
-            except ValueError:
-                raise ConfigError(f"setting {name!r} must be a number; got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"setting {name!r} must be a number; got {value!r}")
-        if base == "int":
-            if isinstance(value, float) and not value.is_integer():
-                raise ConfigError(f"setting {name!r} must be an integer; got {value!r}")
-            return int(value)
-        return value
-    if base == "bool" and not isinstance(value, bool):
-        raise ConfigError(f"setting {name!r} must be true or false; got {value!r}")
-    if base == "str":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"setting {name!r} must be a string; got {value!r}")
-    if base.startswith("tuple"):
-        try:
-            pair = tuple(float(v) for v in value)
-        except (TypeError, ValueError):
-            pair = ()
-        if len(pair) != 2 or isinstance(value, (str, dict)):
-            raise ConfigError(f"setting {name!r} must be a pair of numbers [a, b]; got {value!r}")
-        return pair
-    return value
+def setting_names() -> list[str]:
+    """Every key a recipe may set: ``TrainConfig``'s fields and the registered levers."""
+    return [*(f.name for f in fields(TrainConfig) if f.name != "levers"), *LEVERS]
 
 
 def sub_mapping_keys() -> dict[str, tuple[str, ...]]:
-    """The keys each mapping-valued setting takes, read from the code that consumes them."""
-    from ..analysis.oscillation import OscillationTracker
-    from ..anneal import ConfidenceAnnealer
-    from ..quant import QuantConfig
-    from ..regularize import ModelBinRegularizer
-
-    return {"quant": ("preset", "overrides_file", *(f.name for f in fields(QuantConfig))),
-            "teacher": ("source", "checkpoint", "softlabels", "hard_weight"),
-            "regularizer": _params(ModelBinRegularizer, skip=2),
-            "oscillation": _params(OscillationTracker, skip=1),
-            "anneal": _params(ConfidenceAnnealer, skip=2)}
+    """The keys each mapping-valued setting takes, read from its settings class."""
+    return {"quant": QuantSettings.keys(), "teacher": TeacherSettings.keys(),
+            **{name: cls.keys() for name, cls in LEVERS.items()}}
 
 
 def settings_help() -> str:
     """Every setting of a recipe, with the keys of the mapping-valued ones (for ``vvtq train --help``)."""
     subs = sub_mapping_keys()
-    return ", ".join(f"{f.name}.{{{', '.join(subs[f.name])}}}" if f.name in subs else f.name
-                     for f in fields(TrainConfig))
-
-
-def _params(cls: type, skip: int) -> tuple[str, ...]:
-    """The keyword parameters of ``cls.__init__`` after ``self`` and the first ``skip`` positional ones."""
-    return tuple(list(inspect.signature(cls.__init__).parameters)[1 + skip:])
+    return ", ".join(f"{name}.{{{', '.join(subs[name])}}}" if name in subs else name for name in setting_names())
 
 
 def _apply_overrides(data: dict[str, Any], overrides: list[str | tuple[str, Any]]) -> dict[str, Any]:
     """Apply overrides to a recipe mapping: ``"key=value"`` strings (values parsed as YAML) or ``(key, value)``
     pairs (values as given); ``a.b`` sets one key inside the mapping ``a``."""
     data = copy.deepcopy(data)
-    names = {f.name for f in fields(TrainConfig)}
+    names = set(setting_names())
     for item in overrides:
         if isinstance(item, tuple):
             key, value = item

@@ -17,21 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..data import MultiCropDataset, multicrop_collate
 from ..device import global_mean, init_distributed, resolve_device
 from ..evaluation import eval_loader, evaluate
-from ..modelio import build_model, checkpoint_kwargs, load_fp_weights, load_teacher
+from ..modelio import build_model, checkpoint_kwargs, load_fp_weights
+from ..qat import Lever, RunContext, StepOutputs
 from ..spec import ModelSpec
 from .batching import ImageBatchSampler, training_datasets
 from .config import TrainConfig
 from .metrics import MetricsLog, progress_bar
 from .optim import lr_at, param_groups
-from .state import TrainingError, check_replicas_agree, pack_tracker, unpack_tracker
+from .state import TrainingError, check_replicas_agree
 
 __all__ = ["ImageBatchSampler", "TrainingError", "eval_loader", "evaluate", "lr_at", "param_groups", "train"]
 
@@ -41,11 +40,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     ``out/metrics.jsonl`` and ``out/config.yaml``."""
     run = _Run(cfg, resume)  # device, process group, output folder, datasets
     run.build_student()  # from scratch, from init_from, or the checkpoint being resumed; quantized for QAT
-    run.build_targets()  # training views and the teacher, checked before any time goes to calibration
+    run.build_targets()  # training views and the teacher (vvtq.qat.targets), checked before calibration
     run.plan_steps()
     run.restore_or_calibrate()
     run.build_optimizer()
-    run.build_helpers()  # bin regularizer, oscillation tracker, metrics log, validation loader
+    run.build_helpers()  # the QAT levers the recipe turns on (vvtq.qat), metrics log, validation loader
     for epoch in run.epochs():
         run.train_epoch(epoch)
         run.end_epoch(epoch)
@@ -106,7 +105,7 @@ class _Run:
         self.step, self.best_acc, self.history = 0, -1.0, []
         self.ckpt: dict[str, Any] | None = None
         self.calib_digests: list[float] | None = None
-        self.regularizer = self.tracker = self.annealer = None
+        self.levers: list[Lever] = []
         self.last_acc = float("nan")
 
     # ------------------------------------------------------------------ set-up
@@ -138,32 +137,16 @@ class _Run:
         self.core = self.model = model.to(self.device, memory_format=self.memory_format)
 
     def build_targets(self) -> None:
-        """The multi-crop views (replayed from a soft-label file with ``teacher.source: file``), their batch
-        sampler and, with ``teacher.source: live``, the frozen teacher."""
+        """What the student learns from (``teacher``: hard labels, a live teacher, a soft-label file), its
+        training views and their batch sampler."""
         cfg, ts = self.cfg, self.train_set
-        teacher_cfg = cfg.teacher or {}
-        self.source, self.hard_weight = teacher_cfg.get("source", "none"), float(teacher_cfg.get("hard_weight", 0.0))
         self.images_per_batch = cfg.batch_size // cfg.num_crops
-        self.views = self._views(cfg.num_crops)
-        self.collate = multicrop_collate
+        self.targets = cfg.teacher.build(self._context(total_steps=0))
+        self.views = self.targets.views(cfg.num_crops)
         self.sampler = ImageBatchSampler(len(ts), self.images_per_batch, self.rank, self.world, cfg.seed)
-        self.teacher = None
-        if self.source == "live":
-            self.teacher = load_teacher(cfg.teacher["checkpoint"], self.spec.model_kwargs, self.device)
-        elif self.source == "file":
-            from ..distill.replay import replay_collate
 
-            self.collate = replay_collate
-
-    def _views(self, num_crops: int):
-        """The training views with ``num_crops`` crops an image: random crops, or replayed from the soft-label
-        file with ``teacher.source: file``."""
-        cfg = self.cfg
-        if (cfg.teacher or {}).get("source") == "file":
-            from ..distill.replay import ReplayCropDataset
-
-            return ReplayCropDataset(self.train_set, cfg.teacher["softlabels"], num_crops, cfg.img_size, seed=cfg.seed)
-        return MultiCropDataset(self.train_set, num_crops, cfg.img_size, tuple(cfg.crop_scale), seed=cfg.seed)
+    def _context(self, total_steps: int) -> RunContext:
+        return RunContext(self.core, total_steps, self.device, self.cfg, self.train_set, self.spec.model_kwargs)
 
     def plan_steps(self) -> None:
         """Steps per epoch, in all, and the epochs: the last ``single_crop_frac`` of the steps (with several crops
@@ -187,7 +170,8 @@ class _Run:
                           tuple(epochs))
         self.single = None
         if single_from < total:  # the final phase's views and sampler: one crop an image, batch_size images
-            self.single = (self._views(1), ImageBatchSampler(n, cfg.batch_size, self.rank, self.world, cfg.seed))
+            self.single = (self.targets.views(1),
+                           ImageBatchSampler(n, cfg.batch_size, self.rank, self.world, cfg.seed))
 
     def restore_or_calibrate(self) -> None:
         """The resumed checkpoint's weights; or, for QAT, every scale calibrated on the same leading batches on
@@ -201,7 +185,7 @@ class _Run:
             from ..quant import calibrate
 
             calib_sampler = ImageBatchSampler(len(self.train_set), self.images_per_batch, 0, 1, self.cfg.seed + 1)
-            calib = DataLoader(self.views, batch_sampler=calib_sampler, collate_fn=self.collate)
+            calib = DataLoader(self.views, batch_sampler=calib_sampler, collate_fn=self.targets.collate)
             calibrate(self.model, calib, num_batches=self.cfg.calib_batches, device=self.device)
             self.calib_digests = check_replicas_agree(self.model)
 
@@ -229,21 +213,14 @@ class _Run:
         self.last_acc = self.history[-1]["val_acc"] if self.history else float("nan")
 
     def build_helpers(self) -> None:
-        cfg, ckpt = self.cfg, self.ckpt
-        if self.qcfg is not None and cfg.regularizer:
-            from ..regularize import ModelBinRegularizer
-
-            self.regularizer = ModelBinRegularizer(self.core, self.plan.total_steps, **cfg.regularizer)
-        if self.qcfg is not None and cfg.oscillation is not None:
-            from ..analysis.oscillation import OscillationTracker
-
-            self.tracker = OscillationTracker(self.core, **cfg.oscillation)
-            if ckpt is not None and "oscillation" in ckpt["meta"]:
-                self.tracker.load_state_dict(unpack_tracker(ckpt["meta"]["oscillation"], ckpt["extra"]))
-        if self.qcfg is not None and cfg.anneal is not None:
-            from ..anneal import ConfidenceAnnealer
-
-            self.annealer = ConfidenceAnnealer(self.core, self.plan.total_steps, **cfg.anneal)
+        """The levers (the targets first, then each one the recipe turns on), their state when resumed, the
+        metrics log and the validation loader."""
+        ckpt = self.ckpt
+        ctx = self._context(self.plan.total_steps)
+        self.levers = [self.targets, *(settings.build(ctx) for settings in self.cfg.lever_settings())]
+        for lever in self.levers:
+            if ckpt is not None and lever.name in ckpt["meta"]:
+                lever.load_state_dict({"meta": ckpt["meta"][lever.name], "tensors": ckpt["extra"]})
         self.log = MetricsLog(self.out / "metrics.jsonl", self.rank == 0, self.step if ckpt is not None else None)
         if self.calib_digests is not None:
             self.log.write({"type": "calibration", "step": 0, "scale_digests": self.calib_digests})
@@ -267,7 +244,8 @@ class _Run:
         views, sampler = (self.views, self.sampler) if epoch.phase == 1 else self.single
         views.set_epoch(epoch.index)
         sampler.epoch, sampler.start = epoch.index, self.step - epoch.start
-        loader = DataLoader(views, batch_sampler=sampler, collate_fn=self.collate, num_workers=cfg.num_workers)
+        loader = DataLoader(views, batch_sampler=sampler, collate_fn=self.targets.collate,
+                            num_workers=cfg.num_workers)
         todo = min(epoch.end, plan.stop_at) - self.step
         bar = progress_bar(cfg.progress and self.rank == 0, todo, f"epoch {epoch.index + 1}/{plan.num_epochs}")
         self.loss_sum, self.n_loss, t_epoch = 0.0, 0, time.time()
@@ -302,53 +280,33 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         with self.amp:
-            loss = self.loss(self.model(x), batch, x, y)
+            out = StepOutputs(self.model(x), x, y, batch)
+            terms = [term for lever in self.levers if (term := lever.loss(self.step, out)) is not None]
+            loss = terms[0]  # the targets' task loss, then each lever's term in turn
+            for term in terms[1:]:
+                loss = loss + term
         if not torch.isfinite(loss):
             kept = self.last_path if self.last_path.exists() else "none was saved"
             raise TrainingError(f"non-finite loss ({loss.item()}) at step {self.step} (epoch {epoch + 1}); "
                                 f"stopping. The last good checkpoint is kept: {kept}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.annealer is not None:  # holds the confident weights still (before clipping: they count for nothing)
-            self.annealer.before_step(self.step)
+        for lever in self.levers:  # annealing holds its weights here (before clipping: they count for nothing)
+            lever.after_backward(self.step)
         if cfg.clip_grad:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         self.optimizer.step()
-        if self.annealer is not None:
-            self.annealer.after_step()
-        if self.tracker is not None:
-            self.tracker.step()
+        for lever in self.levers:
+            lever.after_step(self.step)
         self.step += 1
         value = global_mean(loss.detach())
         self.loss_sum, self.n_loss = self.loss_sum + value, self.n_loss + 1
         return value, lr
 
-    def loss(self, logits: Tensor, batch: tuple[Tensor, ...], x: Tensor, y: Tensor) -> Tensor:
-        """CE on the labels (no teacher) or distillation from the teacher's (or the file's) probabilities, plus
-        the bin regularizer's ``lambda(t) * R``."""
-        from ..distill import distill_loss
-
-        if self.source == "none":
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
-        else:
-            if self.source == "live":
-                with torch.no_grad():
-                    target = self.teacher(x)
-            else:
-                target = batch[4].to(self.device)
-            loss = distill_loss(logits, target, y, self.hard_weight)
-        if self.regularizer is not None:
-            loss = loss + self.regularizer(self.step)
-        return loss
-
     def log_step(self, epoch: int, loss: float, lr: float, ips: float) -> None:
         rec = {"type": "step", "step": self.step, "epoch": epoch + 1, "loss": loss, "lr": lr, "images_per_s": ips}
-        if self.regularizer is not None:
-            rec.update(self.regularizer.metrics())
-        if self.tracker is not None:
-            rec.update(self.tracker.metrics())
-        if self.annealer is not None:
-            rec.update(self.annealer.metrics())
+        for lever in self.levers:
+            rec.update(lever.metrics())
         self.log.write(rec)
 
     def end_epoch(self, epoch: _Epoch) -> None:
@@ -376,14 +334,17 @@ class _Run:
 
     # ------------------------------------------------------------------ checkpoints and the result
     def save(self, path: Path, epoch: float, full: bool, running: tuple[float, int] = (0.0, 0)) -> None:
-        """Rank 0 writes the checkpoint: the model with its spec; ``full`` adds the optimizer and tracker state."""
+        """Rank 0 writes the checkpoint: the model with its spec; ``full`` adds the optimizer and the levers'
+        state (the oscillation tracker's)."""
         if self.rank != 0:
             return
         meta = {**self.spec.to_dict(), "train_config": self.cfg.to_dict(), "step": self.step, "epoch": epoch,
                 "best_acc": self.best_acc, "history": self.history, "epoch_loss": list(running)}
         extra: dict[str, Tensor] = {}
-        if self.tracker is not None and full:
-            meta["oscillation"], extra = pack_tracker(self.tracker.state_dict())
+        for lever in self.levers if full else ():
+            if state := lever.state_dict():
+                meta[lever.name] = state["meta"]
+                extra.update(state["tensors"])
         save_checkpoint(path, self.core.state_dict(), meta, self.optimizer.state_dict() if full else None,
                         extra=extra)
 

@@ -1,12 +1,9 @@
-"""Run state beyond model and optimizer: the oscillation tracker's state as checkpoint metadata and tensors,
-and the check that every rank calibrated the same quantizer scales."""
+"""The error that stops a run, and the check that every rank calibrated the same quantizer scales."""
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from ..errors import VVTQError
 
@@ -33,17 +30,3 @@ def check_replicas_agree(model: nn.Module) -> list[float]:
     if any(v != values[0] for v in values):
         raise TrainingError(f"quantizer scales differ between ranks after calibration: {values}")
     return values
-
-
-def pack_tracker(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The tracker's ``state_dict`` as (JSON metadata, named tensors) for a checkpoint."""
-    meta = {k: v for k, v in state.items() if k != "layers"}
-    tensors = {f"osc.{layer}.{key}": t for layer, d in state["layers"].items() for key, t in d.items()}
-    meta["layers"] = {layer: sorted(d) for layer, d in state["layers"].items()}
-    return meta, tensors
-
-
-def unpack_tracker(meta: dict[str, Any], extra: dict[str, Tensor]) -> dict[str, Any]:
-    """The tracker's ``state_dict`` back from ``pack_tracker``'s (metadata, tensors)."""
-    layers = {layer: {key: extra[f"osc.{layer}.{key}"] for key in keys} for layer, keys in meta["layers"].items()}
-    return {**{k: v for k, v in meta.items() if k != "layers"}, "layers": layers}

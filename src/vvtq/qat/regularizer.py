@@ -20,23 +20,24 @@ Differences from the reference implementation (deliberate, see docs/METHOD.md §
 * all bins are computed in one vectorized pass (``bincount`` / ``index_add``), not a Python loop over bins;
 * 8-bit layers are skipped by default in the model-level loss (they are near-lossless, and the reference
   spends most of its regularizer time there).
+
+One implementation: the forward pass and its hand-written backward below (an earlier compiled-kernel path and a
+layer-stacking path were dropped: benchmarks/results/regularizer_cost.json measures this one within its target).
+The QAT lever is ``BinRegularizer``, built from the recipe setting ``regularizer`` (``RegularizerSettings``).
 """
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "bin_regularizer",
-    "bin_regularizer_loss",
-    "lambda_schedule",
-    "ModelBinRegularizer",
-]
+from .base import Lever, LeverSettings, RunContext, StepOutputs, register_lever
+
+__all__ = ["BinRegularizer", "RegularizerSettings", "bin_regularizer", "bin_regularizer_loss", "lambda_schedule"]
 
 Variance = Literal["unbiased", "population"]
 Weighting = Literal["none", "size"]
@@ -100,7 +101,7 @@ def bin_regularizer(
     x, s = _prepare(w, scale, offset, units)
     if x.numel() == 0:
         return x.sum() + 0.0 * s.sum()
-    return _BinRegularizerFn.apply(x, s, qmin, qmax, variance, weighting, bins, False)
+    return _BinRegularizerFn.apply(x, s, qmin, qmax, variance, weighting, bins)
 
 
 def _prepare(w: Tensor, scale: Tensor | float, offset: Tensor | None, units: str) -> tuple[Tensor, Tensor]:
@@ -160,18 +161,8 @@ class _BinRegularizerFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, qmin: int, qmax: int, variance: str, weighting: str, bins: str,
-                stacked: bool):
+    def forward(ctx, x: Tensor, s: Tensor, qmin: int, qmax: int, variance: str, weighting: str, bins: str):
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        ctx.fused = None
-        if stacked or _use_fused(x, s):
-            group = bins == "group" and (s[0] if stacked else s).numel() > 1
-            r, *tables = _fused("stats", x.detach(), s.detach(), qmin, qmax, group, variance == "unbiased",
-                                weighting == "size", stacked)
-            if want_grad:
-                ctx.save_for_backward(x, s, *tables)
-                ctx.fused = (qmin, qmax, group, stacked)
-            return r
         v = x / s
         code = v.clamp(qmin, qmax)
         inside = code == v
@@ -198,124 +189,11 @@ class _BinRegularizerFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        if ctx.fused is not None:
-            x, s, ta, tb = ctx.saved_tensors
-            qmin, qmax, group, stacked = ctx.fused
-            gx, gs = _fused("grad", x.detach(), s.detach(), grad.detach(), ta, tb, qmin, qmax, group, stacked)
-            return (gx if ctx.needs_input_grad[0] else None), (gs if ctx.needs_input_grad[1] else None), \
-                None, None, None, None, None, None
         g, code, inside = ctx.saved_tensors
         g = g * grad
         gx = g * inside if ctx.needs_input_grad[0] else None
         gs = (g * code).masked_fill_(inside, 0.0).sum_to_size(ctx.s_shape) if ctx.needs_input_grad[1] else None
-        return gx, gs, None, None, None, None, None, None
-
-
-# ------------------------------------------------------------------ fused kernels (torch.compile, CPU)
-# The same maths in one compiled pass over the weights each way, for float32 CPU tensors of at least
-# FUSED_MIN_NUMEL elements (the eager chain above is ~20 passes plus three histograms). With few codes (4, 8 or
-# 16), every bin statistic is a masked sum, so the forward pass is one loop with 3 x (Qp - Qn + 1) accumulators
-# (float32 sums, exact for the counts; the per-bin totals are combined in float64) and no bin index is stored;
-# the backward pass recomputes the codes from ``x`` and selects each weight's two per-bin coefficients. Follows
-# vvtq.quant.fake_quant's switch (``set_fused_kernels`` / VVTQ_FUSED).
-# ``stacked``: ``x`` and ``s`` hold several layers of one shape along dim 0 (see bin_regularizer_loss), each with
-# its own bins and N, so a model's layers cost one call per shape instead of one per layer.
-FUSED_MIN_NUMEL = 1 << 14
-STACK_LAYERS = True  # fused path: one call per weight shape (False: one per layer; for A/B timing)
-_compiled: dict[str, Any] = {}
-
-
-def _one_step(s: Tensor, group: bool, stacked: bool) -> bool:
-    """Whether the step is constant within each bin (then ``y = d``)."""
-    return group or (s[0] if stacked else s).numel() == 1
-
-
-def _elementwise(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, stacked: bool):
-    """Codes, the in-range mask, distances ``d`` and ``y`` (``d``, or ``w_c`` when the step varies in a bin)."""
-    v = x / s
-    c = v.clamp(qmin, qmax)
-    inside = c == v
-    code = c.round()
-    d = torch.where(inside, (v - code) * s, 0.0)
-    y = d if _one_step(s, group, stacked) else d + s * code
-    return code, inside, d, y
-
-
-def _stats_math(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, unbiased: bool, size_weighted: bool,
-                stacked: bool = False):
-    """``R`` and the per-bin tables ``ta = 2 c_j (+ 2/N)``, ``tb = 2 c_j ybar_j``, shaped ``[bins, *group]``
-    (``[bins, layers, 1, ...]`` for stacked layers with bins per tensor)."""
-    code, inside, d, y = _elementwise(x, s, qmin, qmax, group, stacked)
-
-    def total(t: Tensor) -> Tensor:  # float32 sums inside the pass (exact counts), float64 across bins
-        if group:
-            return t.sum_to_size(s.shape).double()
-        if stacked:
-            return t.sum(dim=tuple(range(1, t.dim())), keepdim=True).double()
-        return t.sum().double()
-
-    masks = [code == j for j in range(qmin, qmax + 1)]
-    counts = torch.stack([total(m.float()) for m in masks])
-    sum_y = torch.stack([total(torch.where(m, y, 0.0)) for m in masks])
-    sum_y2 = torch.stack([total(torch.where(m, y * y, 0.0)) for m in masks])
-    n = x[0].numel() if stacked else x.numel()
-    mean_y = sum_y / counts.clamp_min(1.0)
-    ss = (sum_y2 - sum_y * mean_y).clamp_min(0.0)
-    denom = counts - 1.0 if unbiased else counts
-    coef = torch.where(counts > 1, 1.0 / denom.clamp_min(1.0), 0.0)
-    if size_weighted:
-        coef = coef * counts / n
-    one = _one_step(s, group, stacked)
-    pull = sum_y2.sum() if one else (d * d).sum().double()
-    r = pull / n + (coef * ss).sum()
-    ta = 2.0 * coef + (2.0 / n if one else 0.0)
-    return r.to(x.dtype), ta.to(x.dtype), (2.0 * coef * mean_y).to(x.dtype)
-
-
-def _grad_math(x: Tensor, s: Tensor, grad: Tensor, ta: Tensor, tb: Tensor, qmin: int, qmax: int, group: bool,
-               stacked: bool = False):
-    """``dR/dx`` and ``dR/ds``: ``g = y ta_j - tb_j (+ 2 d / N when y = w_c)`` for the bin j of each weight."""
-    code, inside, d, y = _elementwise(x, s, qmin, qmax, group, stacked)
-    a = torch.zeros_like(x)
-    b = torch.zeros_like(x)
-    for k, j in enumerate(range(qmin, qmax + 1)):
-        m = code == j
-        a = torch.where(m, ta[k], a)
-        b = torch.where(m, tb[k], b)
-    g = y * a - b
-    if not _one_step(s, group, stacked):
-        g = g + d * (2.0 / (x[0].numel() if stacked else x.numel()))
-    g = g * grad
-    return torch.where(inside, g, 0.0), torch.where(inside, 0.0, g * code).sum_to_size(s.shape)
-
-
-def _fused(name: str, *args):
-    """The compiled ``_stats_math`` / ``_grad_math``; if compiling fails, fused kernels are switched off for the
-    process (as in vvtq.quant.fake_quant, with one warning) and the same function runs eagerly."""
-    from vvtq.quant import fake_quant
-
-    eager = _stats_math if name == "stats" else _grad_math
-    if fake_quant.fused_kernels_mode() != "0":
-        try:
-            fn = _compiled.get(name)
-            if fn is None:
-                fn = _compiled[name] = torch.compile(eager, dynamic=True, fullgraph=True)
-            with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
-                return fn(*args)
-        except Exception as err:
-            fake_quant._fused_broken = True
-            warnings.warn(f"vvtq: fused (torch.compile) regularizer kernels unavailable, using eager PyTorch: "
-                          f"{type(err).__name__}: {str(err)[:200]}", RuntimeWarning, stacklevel=3)
-    return eager(*args)
-
-
-def _use_fused(x: Tensor, s: Tensor) -> bool:
-    from vvtq.quant import fake_quant  # lazy: keeps this module importable on its own
-
-    mode = fake_quant.fused_kernels_mode()
-    if mode == "0" or x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
-        return False
-    return mode == "1" or x.numel() >= FUSED_MIN_NUMEL
+        return gx, gs, None, None, None, None, None
 
 
 Pairs = Iterable[tuple[nn.Module, Any]]
@@ -347,7 +225,6 @@ def bin_regularizer_loss(
     """
     check_options(variance, weighting, bins, units)
     terms: list[Tensor] = []
-    same_shape: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
     for module, q in _weight_pairs(model_or_pairs):
         if not getattr(q, "enabled", True):
             continue
@@ -356,21 +233,8 @@ def bin_regularizer_loss(
         w = module.weight
         off_fn = getattr(q, "expanded_offset", None)
         offset = off_fn(w) if off_fn is not None else None
-        scale = q.expanded_scale(w)
-        x, s = _prepare(w, scale, offset, units)
-        if STACK_LAYERS and q.qmax >= q.qmin and x.numel() > 0 and s.dim() <= x.dim() and _use_fused(x, s):
-            s = s.reshape((1,) * (x.dim() - s.dim()) + tuple(s.shape))
-            key = (tuple(x.shape), tuple(s.shape), x.dtype, x.device, int(q.qmin), int(q.qmax))
-            same_shape.setdefault(key, []).append((x, s))
-            continue
-        if q.qmax < q.qmin:
-            raise ValueError(f"empty code range [{q.qmin}, {q.qmax}]")
-        terms.append(x.sum() + 0.0 * s.sum() if x.numel() == 0 else  # x, s prepared once (as bin_regularizer)
-                     _BinRegularizerFn.apply(x, s, q.qmin, q.qmax, variance, weighting, bins, False))
-    for (*_, qmin, qmax), layers in same_shape.items():  # one fused call for all the layers of one shape
-        xs, ss = zip(*layers, strict=True)
-        terms.append(_BinRegularizerFn.apply(torch.stack(xs), torch.stack(ss), qmin, qmax, variance, weighting,
-                                             bins, True))
+        terms.append(bin_regularizer(w, q.expanded_scale(w), q.qmin, q.qmax, variance, weighting, bins, offset,
+                                     units))
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
@@ -393,45 +257,54 @@ def lambda_schedule(step: int, total_steps: int, lambda_max: float = 0.01, start
     return lambda_max * (1.0 - math.cos(math.pi * p)) / 2.0
 
 
-class ModelBinRegularizer:
-    """The scheduled regularizer term ``lambda(step) * sum_layers R`` for a training loop.
+@dataclass
+class RegularizerSettings(LeverSettings):
+    """Recipe setting ``regularizer``: ``lambda(t) * sum_layers R`` (see :func:`bin_regularizer` for the options,
+    :func:`lambda_schedule` for ``lambda_max`` and ``start_frac``); ``skip_bits_ge`` skips layers of that many
+    bits or more (the 8-bit ends)."""
 
-    Usage: ``reg = ModelBinRegularizer(model, total_steps)``; each iteration ``loss = task_loss + reg(step)``.
-    While ``lambda(step) == 0`` it returns a zero tensor without computing R. ``model`` may also be a list of
+    order = 10  # a loss term only
+
+    lambda_max: float = 0.01
+    start_frac: float = 0.25
+    variance: str = "unbiased"
+    weighting: str = "none"
+    bins: str = "tensor"
+    skip_bits_ge: int | None = 8
+    units: str = "weight"
+
+    def validate(self) -> None:
+        check_options(self.variance, self.weighting, self.bins, self.units)
+        if self.lambda_max < 0 or not 0.0 <= self.start_frac <= 1.0:
+            raise ValueError(f"regularizer needs lambda_max >= 0 and start_frac in [0, 1]; got {self.lambda_max}, "
+                             f"{self.start_frac}")
+
+    def build(self, ctx: RunContext) -> BinRegularizer:
+        return BinRegularizer(ctx.model, ctx.total_steps, self)
+
+
+class BinRegularizer(Lever):
+    """The scheduled term ``lambda(step) * sum_layers R`` added to every step's loss.
+
+    ``BinRegularizer(model, total_steps, lambda_max=0.01)`` in a loop of your own: ``loss = task + reg(step)``.
+    While ``lambda(step) == 0`` it adds a zero without computing R. ``model`` may also be a list of
     ``(module, quantizer)`` pairs; the pairs are collected once, at construction.
     """
 
-    def __init__(
-        self,
-        model_or_pairs: nn.Module | Pairs,
-        total_steps: int,
-        lambda_max: float = 0.01,
-        start_frac: float = 0.25,
-        variance: Variance = "unbiased",
-        weighting: Weighting = "none",
-        bins: Bins = "tensor",
-        skip_bits_ge: int | None = 8,
-        units: Units = "weight",
-    ) -> None:
-        check_options(variance, weighting, bins, units)
-        if lambda_max < 0 or not 0.0 <= start_frac <= 1.0:
-            raise ValueError(f"regularizer needs lambda_max >= 0 and start_frac in [0, 1]; got {lambda_max}, "
-                             f"{start_frac}")
+    name = "regularizer"
+
+    def __init__(self, model_or_pairs: nn.Module | Pairs, total_steps: int,
+                 settings: RegularizerSettings | None = None, **options: Any) -> None:
+        self.settings = settings or RegularizerSettings(**options)  # options: RegularizerSettings' fields
+        self.settings.validate()
         self.pairs = list(_weight_pairs(model_or_pairs))
         self.total_steps = total_steps
-        self.lambda_max = lambda_max
-        self.start_frac = start_frac
-        self.variance: Variance = variance
-        self.weighting: Weighting = weighting
-        self.bins: Bins = bins
-        self.skip_bits_ge = skip_bits_ge
-        self.units: Units = units
         self.last_lambda = 0.0
         self.last_value: Tensor | None = None
 
     def weight(self, step: int) -> float:
         """``lambda(step)``, see :func:`lambda_schedule`."""
-        return lambda_schedule(step, self.total_steps, self.lambda_max, self.start_frac)
+        return lambda_schedule(step, self.total_steps, self.settings.lambda_max, self.settings.start_frac)
 
     def __call__(self, step: int) -> Tensor:
         lam = self.weight(step)
@@ -440,10 +313,13 @@ class ModelBinRegularizer:
             self.last_value = None
             device = self.pairs[0][0].weight.device if self.pairs else None
             return torch.zeros((), device=device)
-        r = bin_regularizer_loss(self.pairs, self.variance, self.weighting, self.bins, self.skip_bits_ge,
-                                 self.units)
+        st = self.settings
+        r = bin_regularizer_loss(self.pairs, st.variance, st.weighting, st.bins, st.skip_bits_ge, st.units)
         self.last_value = r.detach()  # converted in metrics(), so no device sync here
         return lam * r
+
+    def loss(self, step: int, out: StepOutputs) -> Tensor:
+        return self(step)
 
     def metrics(self) -> dict[str, float]:
         """``{"reg/lambda": ..., "reg/R": ...}`` for the logger (R only when it was computed)."""
@@ -451,3 +327,6 @@ class ModelBinRegularizer:
         if self.last_value is not None:
             out["reg/R"] = float(self.last_value)
         return out
+
+
+register_lever("regularizer", RegularizerSettings)

@@ -1,4 +1,4 @@
-"""Tests for vvtq.anneal: the band schedule, the confidence, and that held weights do not move under AdamW."""
+"""Tests for vvtq.qat.anneal: the band schedule, the confidence, and that held weights do not move under AdamW."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fakes import FakeQuantizer
-from vvtq.anneal import ConfidenceAnnealer
+from vvtq.qat.anneal import ConfidenceAnnealer
 from vvtq.quant.quantizers import Quantizer
 
 
@@ -47,10 +47,10 @@ def test_held_weights_stay_put_under_adamw_and_the_rest_train():
         before = lin.weight.detach().clone()
         opt.zero_grad()
         lin(x).pow(2).mean().backward()  # latent weights only; the momentum of earlier steps keeps pushing
-        a.before_step(step)
+        a.after_backward(step)
         hold = a.confidence(before, q) >= a.band(step)
         opt.step()
-        a.after_step()
+        a.after_step(step)
         if step < 10:
             assert a.metrics()["cga/held"] == 0.0
             continue

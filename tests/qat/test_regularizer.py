@@ -1,4 +1,5 @@
-"""Tests for vvtq.regularize: the vectorized bin regularizer vs a naive per-bin loop, schedule, model sum."""
+"""Tests for vvtq.qat.regularizer: the vectorized bin regularizer vs a naive per-bin loop, schedule, model sum,
+the lever."""
 from __future__ import annotations
 
 import math
@@ -8,8 +9,13 @@ import torch
 from torch import nn
 
 from fakes import FakeQuantizer
-from vvtq.quant import fake_quant as fq
-from vvtq.regularize import ModelBinRegularizer, bin_regularizer, bin_regularizer_loss, lambda_schedule
+from vvtq.qat.regularizer import (
+    BinRegularizer,
+    RegularizerSettings,
+    bin_regularizer,
+    bin_regularizer_loss,
+    lambda_schedule,
+)
 
 
 def int_range(bits: int) -> tuple[int, int]:
@@ -196,7 +202,7 @@ def test_model_loss_sums_layers_and_skips():
 
 def test_model_regularizer_schedule_and_grads():
     pairs = make_pairs()
-    reg = ModelBinRegularizer(pairs, total_steps=100)
+    reg = BinRegularizer(pairs, total_steps=100)
     assert float(reg(10)) == 0.0
     assert reg.metrics() == {"reg/lambda": 0.0}
     out = reg(100)
@@ -209,11 +215,6 @@ def test_model_regularizer_schedule_and_grads():
 
 
 def test_model_regularizer_accepts_module():
-    pytest.importorskip("vvtq.quant")
-    from vvtq import quant
-
-    if not hasattr(quant, "iter_weight_quantizers"):
-        pytest.skip("vvtq.quant.iter_weight_quantizers not available yet")
     model = nn.Sequential(nn.Linear(4, 4))
     assert float(bin_regularizer_loss(model)) == 0.0  # no quantizers → 0
 
@@ -235,61 +236,10 @@ def test_step_units_are_weight_units_divided_by_the_step():
         bin_regularizer(w, s, -2, 1, units="bits")
 
 
-@pytest.mark.skipif(not fq.have_cxx_compiler(), reason="fused kernels need a C++ compiler")
-@pytest.mark.parametrize(("bits", "opts"), [(2, {}), (4, {"bins": "group", "weighting": "size", "units": "step"})])
-def test_fused_kernels_match_eager(bits, opts):
-    """The compiled one-pass kernels (float32 CPU) give the eager chain's R and gradients."""
-    torch.manual_seed(bits)
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    w = (torch.randn(32, 80) * 0.05).requires_grad_(True)
-    w.data[0, :4] = torch.tensor([9.0, -9.0, 0.0, 0.0])  # clipped high and low, and exactly on a level
-    s = (torch.rand(32, 1) * 0.02 + 0.01).requires_grad_(True)
-    out, before = [], fq._fused_mode
-    try:
-        for mode in ("0", "1"):
-            fq.set_fused_kernels(mode)
-            r = bin_regularizer(w, s, qmin, qmax, **opts)
-            out.append((r, *torch.autograd.grad(r, (w, s), allow_unused=True)))
-        assert fq.fused_kernels_mode() == "1", "torch.compile failed although a compiler is present"
-    finally:
-        fq.set_fused_kernels(before)
-    (r0, gw0, gs0), (r1, gw1, gs1) = out
-    torch.testing.assert_close(r1, r0, rtol=1e-5, atol=0)
-    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-6 * float(gw0.abs().max()))
-    if gs0 is not None:
-        torch.testing.assert_close(gs1, gs0, rtol=1e-4, atol=1e-6 * float(gs0.abs().max()))
-    assert gw0.abs().sum() > 0
-
-
-@pytest.mark.skipif(not fq.have_cxx_compiler(), reason="fused kernels need a C++ compiler")
-@pytest.mark.parametrize("opts", [{}, {"bins": "group", "weighting": "size"}, {"units": "step"}])
-def test_fused_model_loss_stacks_same_shape_layers(opts):
-    """With fused kernels, layers of one shape go through one stacked call; R and every weight's and step's
-    gradient equal the per-layer eager sum (per-channel and per-tensor steps, a different bit-width between)."""
-    torch.manual_seed(3)
-    lins = [nn.Linear(96, 48) for _ in range(4)] + [nn.Linear(48, 96)]
-    for lin in lins:
-        lin.weight.data.mul_(3.0)
-    qs = [FakeQuantizer(4, (torch.rand(48) * 0.02 + 0.01).tolist(), "a"), FakeQuantizer(2, 0.05, "b"),
-          FakeQuantizer(4, (torch.rand(48) * 0.02 + 0.01).tolist(), "c"), FakeQuantizer(2, 0.04, "d"),
-          FakeQuantizer(3, (torch.rand(96) * 0.02 + 0.01).tolist(), "e")]
-    pairs = list(zip(lins, qs, strict=True))
-    params = [p for lin, q in pairs for p in (lin.weight, q.scale)]
-    out, before = [], fq._fused_mode
-    try:
-        for mode in ("0", "1"):
-            fq.set_fused_kernels(mode)
-            r = bin_regularizer_loss(pairs, **opts)
-            out.append((r, torch.autograd.grad(r, params, allow_unused=True)))
-        assert fq.fused_kernels_mode() == "1", "torch.compile failed although a compiler is present"
-    finally:
-        fq.set_fused_kernels(before)
-    (r0, g0), (r1, g1) = out
-    torch.testing.assert_close(r1, r0, rtol=1e-5, atol=0)
-    for a, b in zip(g0, g1, strict=True):
-        if a is None or b is None:
-            assert a is None or torch.count_nonzero(a) == 0
-            assert b is None or torch.count_nonzero(b) == 0
-            continue
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * float(a.abs().max()) + 1e-12)
-    assert any(g is not None and g.abs().sum() > 0 for g in g0)
+def test_lever_options_are_its_settings():
+    pairs = make_pairs()
+    by_kwargs = BinRegularizer(pairs, 100, lambda_max=0.5, start_frac=0.0, bins="group")
+    by_settings = BinRegularizer(pairs, 100, RegularizerSettings(lambda_max=0.5, start_frac=0.0, bins="group"))
+    torch.testing.assert_close(by_kwargs(50), by_settings(50))
+    with pytest.raises(ValueError, match="bins"):
+        BinRegularizer(pairs, 100, bins="layer")

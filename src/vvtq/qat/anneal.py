@@ -20,35 +20,56 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ConfidenceAnnealer"]
+from .base import Lever, LeverSettings, RunContext, register_lever
+
+__all__ = ["AnnealSettings", "ConfidenceAnnealer"]
 
 
-class ConfidenceAnnealer:
+@dataclass
+class AnnealSettings(LeverSettings):
+    """Recipe setting ``anneal``: ``start_frac``, where the band starts to shrink, in [0, 1); weights of at most
+    ``max_bits`` bits are annealed (default 7: every layer below 8 bits)."""
+
+    order = 20  # its write-back comes before oscillation is measured
+
+    start_frac: float = 0.9
+    max_bits: int = 7
+
+    def validate(self) -> None:
+        if not 0.0 <= self.start_frac < 1.0:
+            raise ValueError(f"anneal start_frac must be in [0, 1); got {self.start_frac}")
+        if isinstance(self.max_bits, bool) or not isinstance(self.max_bits, int) or not 2 <= self.max_bits <= 8:
+            raise ValueError(f"anneal max_bits must be an integer in 2..8; got {self.max_bits!r}")
+
+    def build(self, ctx: RunContext) -> ConfidenceAnnealer:
+        return ConfidenceAnnealer(ctx.model, ctx.total_steps, self.start_frac, self.max_bits)
+
+
+class ConfidenceAnnealer(Lever):
     """Holds the confident low-bit weights still, step by step, from ``start_frac`` of training to the end.
 
     Args:
         model_or_pairs: a converted model, or ``(module, weight quantizer)`` pairs.
         total_steps: the run's optimizer steps T.
-        start_frac: where the band starts to shrink, in [0, 1).
-        max_bits: weights of at most this many bits are annealed (default 7: every layer below 8 bits).
+        start_frac, max_bits: see ``AnnealSettings``.
 
-    Call :meth:`before_step` between ``backward`` and ``optimizer.step`` (before gradient clipping, so held
+    Hooks: :meth:`after_backward` between ``backward`` and ``optimizer.step`` (before gradient clipping, so held
     weights do not count in the norm) and :meth:`after_step` right after ``optimizer.step``.
     """
 
+    name = "anneal"
+
     def __init__(self, model_or_pairs: nn.Module | Iterable[tuple[nn.Module, Any]], total_steps: int,
                  start_frac: float = 0.9, max_bits: int = 7) -> None:
-        if not 0.0 <= start_frac < 1.0:
-            raise ValueError(f"anneal start_frac must be in [0, 1); got {start_frac}")
-        if isinstance(max_bits, bool) or not isinstance(max_bits, int) or not 2 <= max_bits <= 8:
-            raise ValueError(f"anneal max_bits must be an integer in 2..8; got {max_bits!r}")
+        AnnealSettings(start_frac, max_bits).validate()
         if isinstance(model_or_pairs, nn.Module):
-            from .quant import iter_weight_quantizers
+            from ..quant import iter_weight_quantizers
 
             model_or_pairs = iter_weight_quantizers(model_or_pairs)
         self.pairs = [(m, q) for m, q in model_or_pairs if q.enabled and q.bits <= max_bits]
@@ -76,7 +97,7 @@ class ConfidenceAnnealer:
         return 0.5 - (u - torch.round(u)).abs()
 
     @torch.no_grad()
-    def before_step(self, step: int) -> None:
+    def after_backward(self, step: int) -> None:
         """Zero the gradient of every weight to hold at ``step`` and remember its value."""
         self._held, self._held_count = [], 0
         if step < self.start:
@@ -92,7 +113,7 @@ class ConfidenceAnnealer:
             self._held_count += int(hold.sum())
 
     @torch.no_grad()
-    def after_step(self) -> None:
+    def after_step(self, step: int = 0) -> None:
         """Write the held weights back to their values before the optimizer step."""
         for w, hold, value in self._held:
             w.data[hold] = value
@@ -101,3 +122,6 @@ class ConfidenceAnnealer:
     def metrics(self, prefix: str = "cga/") -> dict[str, float]:
         """The band of the last step and the fraction of the annealed weights it held."""
         return {f"{prefix}band": self._band, f"{prefix}held": self._held_count / self._numel if self._numel else 0.0}
+
+
+register_lever("anneal", AnnealSettings)
