@@ -224,7 +224,8 @@ class _Run:
         self.log = MetricsLog(self.out / "metrics.jsonl", self.rank == 0, self.step if ckpt is not None else None)
         if self.calib_digests is not None:
             self.log.write({"type": "calibration", "step": 0, "scale_digests": self.calib_digests})
-        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        bf16 = self.cfg.amp == "bf16" or (self.cfg.amp == "auto" and self.device.type == "cuda")
+        self.amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
         self.val_loader = eval_loader(self.val_set, self.cfg.img_size, rank=self.rank, world=self.world)
         self.resumed_running = tuple(ckpt["meta"].get("epoch_loss", (0.0, 0))) if ckpt is not None else None
         self.t_start = time.time()  # the clock of time_s and wall_s starts with the first step
