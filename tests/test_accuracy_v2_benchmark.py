@@ -63,18 +63,18 @@ def test_plan_equal_crops_holdout_and_one_factor_at_a_time(tmp_path):
     assert {"lr=1e-3", "md", "lr=1e-3+md", "kd+crops=2", "kd+crops=2+lr=1e-3", "wide", "reg"} <= set(rows)
     cfgs = {r: acc.build_cfg("mini_deit", 2, r, 0, 1000, "test", tmp_path, "x", acc.Context("mini_deit", "T", "U"),
                              False) for r in ("", "kd", "kd+crops=4", "kd+crops=4+wide", "kd+ens", "md", "sgelu")}
-    assert cfgs[""].teacher == {"source": "none"} and cfgs[""].crop_scale == (0.8, 1.0)
-    assert cfgs["kd"].teacher == {"source": "live", "checkpoint": "T"} and cfgs["kd"].num_crops == 1
+    assert cfgs[""].teacher.to_dict() == {"source": "none"} and cfgs[""].crop_scale == (0.8, 1.0)
+    assert cfgs["kd"].teacher.to_dict() == {"source": "live", "checkpoint": "T"} and cfgs["kd"].num_crops == 1
     assert cfgs["kd+crops=4"].num_crops == 4 and cfgs["kd+crops=4"].crop_scale == (0.8, 1.0)
     assert cfgs["kd+crops=4+wide"].crop_scale == (0.35, 1.0)
-    assert cfgs["kd+ens"].teacher["checkpoint"] == ["T", "U"]
+    assert cfgs["kd+ens"].teacher.checkpoint == ["T", "U"]
     ctx = acc.Context("mini_deit", "T", "U", "C")
-    assert acc.build_cfg("mini_deit", 2, "kd+cnn", 0, 1000, "test", tmp_path, "x", ctx, False).teacher == \
+    assert acc.build_cfg("mini_deit", 2, "kd+cnn", 0, 1000, "test", tmp_path, "x", ctx, False).teacher.to_dict() == \
         {"source": "live", "checkpoint": "C"}
     assert acc.build_cfg("mini_deit", 2, "kd+ens+cnn", 0, 1000, "test", tmp_path, "x", ctx, False) \
-        .teacher["checkpoint"] == ["T", "U", "C"]
+        .teacher.checkpoint == ["T", "U", "C"]
     assert acc.build_cfg("mini_deit", 2, "kd", 0, 1000, "test", tmp_path, "x", ctx, False).init_from == "T"
-    assert cfgs["md"].quant["preset"] == "vvtq" and cfgs["sgelu"].quant["gelu_signed"] is True
+    assert cfgs["md"].quant.preset == "vvtq" and cfgs["sgelu"].quant.gelu_signed is True
     for recipe, heads in (("lnch", "tensor"), ("md+lnch", "head")):  # per-channel LayerNorm outputs, nothing else
         acts = acc.build_cfg("mini_deit", 2, recipe, 0, 1000, "test", tmp_path, "x", ctx, False) \
             .quant_config().act_granularity
@@ -86,7 +86,7 @@ def test_plan_equal_crops_holdout_and_one_factor_at_a_time(tmp_path):
         acc.build_cfg("mini_deit", 2, "hard", 0, 1000, "test", tmp_path, "x", acc.Context("mini_deit", "T", "U"),
                       False)
     late = acc.build_cfg("mini_deit", 2, "kd+crops=2+single+cga=0.9", 0, 1000, "test", tmp_path, "x", ctx, False)
-    assert late.single_crop_frac == 0.2 and late.anneal == {"start_frac": 0.9}
+    assert late.single_crop_frac == 0.2 and late.anneal.to_dict() == {"start_frac": 0.9}
     with pytest.raises(acc.StudyError, match="'single' needs 'crops=K'"):
         acc.build_cfg("mini_deit", 2, "kd+single", 0, 1000, "test", tmp_path, "x", ctx, False)
     pilots = acc.plan(acc.parse_args(["--pilots", "--work", str(tmp_path / "w")]))

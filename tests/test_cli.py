@@ -98,7 +98,7 @@ def test_common_settings_flags_override_the_recipe_and_set(monkeypatch, tmp_path
     qc = cfg.quant_config()
     assert (qc.wbits, qc.abits, qc.split_qkv) == (3, 4, False)
     assert main(["train", "--config", f"{QAT}.yaml", "--out", str(tmp_path / "p")]) == 0  # name with .yaml
-    assert seen[1].quant["wbits"] == 2 and seen[1].lr == 5e-4
+    assert seen[1].quant.wbits == 2 and seen[1].lr == 5e-4
 
 
 def test_a_run_stopped_before_any_validation_says_so(monkeypatch, tmp_path, capsys):

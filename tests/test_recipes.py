@@ -121,3 +121,20 @@ def test_the_wheel_ships_every_recipe_and_finds_it_by_name(tmp_path):
     assert Path(out["file"]).is_relative_to(site)  # the unpacked wheel, not the source checkout
     assert sorted(out["loaded"]) == sorted(p.stem for p in SOURCE.glob("*.yaml"))
     assert "mini_deit_w2a2_vvtq" in res.stdout
+
+
+@pytest.mark.parametrize("stem", ["mini_deit_w2a2", "mini_deit_w3a3", "mini_deit_w4a4", "mini_swin_w2a2",
+                                  "mini_swin_w3a3", "mini_swin_w4a4"])
+def test_the_shipped_families_train_equal_budgets(stem):
+    """``*_lsq``, ``*_vvtq`` and ``*_paper`` of one model and bit-width take the same steps of the same crops, so
+    that a user comparing them compares recipes, not budgets."""
+    import math
+
+    from vvtq.train import TrainConfig
+
+    budgets = set()
+    for family in ("lsq", "vvtq", "paper"):
+        cfg = TrainConfig.from_recipe(f"{stem}_{family}")
+        steps = math.ceil(cfg.epochs * (60_000 // (cfg.batch_size // cfg.num_crops)))
+        budgets.add((steps, cfg.batch_size))
+    assert len(budgets) == 1, budgets

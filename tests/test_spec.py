@@ -55,3 +55,33 @@ def test_bad_specs_are_config_errors():
     with pytest.raises(ConfigError, match="cannot tell which model"):
         vvtq.ModelSpec.of(timm.models.vision_transformer.VisionTransformer(img_size=28, patch_size=7, depth=1,
                                                                            embed_dim=48, num_heads=1))
+
+
+def test_data_source_comes_from_the_spec():
+    """The spec's dataset answers which images a model was trained and validated on; the training settings are
+    not read when the spec has the answer."""
+    from vvtq.spec import DataSource, data_source
+
+    ident = {"name": "fashion_mnist[train-500]", "root": "/data/fm", "split": "train", "data": "fashion_mnist",
+             "holdout": 500, "val_split": "holdout"}
+    meta = {**vvtq.ModelSpec("mini_deit", dataset=ident).to_dict(),
+            "train_config": {"data": "other", "data_root": "/elsewhere", "val_split": "test", "holdout": 0}}
+    assert data_source(meta) == DataSource("fashion_mnist", "/data/fm", "holdout", 500)
+    src = data_source(meta)
+    assert src.given() == src and src.given(val_split="test").val_split == "test"
+    assert src.given(root="/mnt/fm") == DataSource("fashion_mnist", "/mnt/fm", "holdout", 500)
+    assert src.given("image_folder").root is None  # another dataset does not inherit the recorded root
+    assert src.given(holdout=0).holdout == 0
+
+
+def test_data_source_of_checkpoints_written_before_the_spec_recorded_it():
+    """An old checkpoint's spec lacks data, holdout and val_split: those come from its training settings."""
+    from vvtq.spec import DataSource, data_source
+
+    meta = read_meta(SHIPPED[0])
+    assert "data" not in meta["dataset"] and meta["train_config"].get("holdout") is None
+    assert data_source(meta) == DataSource("fashion_mnist", meta["dataset"]["root"], "test", 0)
+    old = {"model": "mini_deit", "train_config": {"data": "image_folder", "data_root": "/imgs", "val_split": "val",
+                                                  "holdout": 3}}
+    assert data_source(old) == DataSource("image_folder", "/imgs", "val", 3)
+    assert data_source({"model": "mini_deit"}) == DataSource(None)

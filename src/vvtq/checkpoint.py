@@ -1,23 +1,21 @@
 """Checkpoints: one safetensors file holding the model, the optimizer state and extra tensors, plus JSON metadata.
 
 Everything that crosses a trust boundary is safe to load: tensors come from safetensors, the rest from JSON in
-the file's metadata, so no pickle is ever read. Writes are atomic: the file is written next to its destination
-and renamed over it (``os.replace``), so a kill at any moment leaves the previous checkpoint whole.
+the file's metadata, so no pickle is ever read. Writes are atomic (``fileio.atomic_write``): the file is written
+next to its destination and renamed over it, so a kill at any moment leaves the previous checkpoint whole.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as _safetensors_bytes
 from torch import Tensor
 
 from .errors import VVTQError
+from .fileio import atomic_write, safetensors_header, tensor_bytes
 
 FORMAT = "vvtq-checkpoint"
 VERSION = 1
@@ -25,6 +23,15 @@ VERSION = 1
 
 class CheckpointError(VVTQError, ValueError):
     """A checkpoint is missing, corrupt, of another format, or does not fit the model."""
+
+
+# the other safetensors files vvtq writes (their ``format`` metadata): what they are, and what reads them
+_OTHER_FILES = {
+    "vvtq-packed": ("a packed integer export (written by `vvtq export`)",
+                    "run it with `vvtq eval --packed {path}`, or export the training checkpoint it came from"),
+    "vvtq-softlabels": ("a soft-label file (written by `vvtq softlabels`)",
+                        "a recipe reads it with teacher.source=file, teacher.softlabels={path}"),
+}
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -50,38 +57,20 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
 
 
 def save_file(tensors: dict[str, Tensor], filename: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file``, with the metadata's keys in sorted order: the same tensors and metadata
-    give the same bytes in every process (safetensors writes its metadata map in a per-process random order)."""
-    blob = _safetensors_bytes(tensors, metadata=metadata)
-    n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the tensors' bytes start 8-aligned, as safetensors writes them
+    """Write ``tensors`` as a safetensors file, its metadata's keys in sorted order: the same tensors and metadata
+    give the same bytes in every process (``fileio.safetensors_header``)."""
+    header, spans = safetensors_header([(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], metadata)
     with open(filename, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        f.write(memoryview(blob)[8 + n:])
+        f.write(header)
+        for name in spans:  # in the header's layout order
+            f.write(tensor_bytes(tensors[name]))
 
 
 def atomic_save_file(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """``save_file`` (sorted metadata) to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """``save_file`` to a temporary file in the same folder, fsynced, then renamed over ``path``
+    (``fileio.atomic_write``)."""
+    with atomic_write(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_checkpoint(path: str | Path, model_state: dict[str, Tensor], meta: dict[str, Any],
@@ -106,10 +95,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("vvtq")
+            md = f.metadata() or {}
     except Exception as exc:  # safetensors raises several types for corrupt headers
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc})") from None
+    raw = md.get("vvtq")
     if raw is None:
+        other = _OTHER_FILES.get(md.get("format", ""))
+        if other is not None:
+            raise CheckpointError(f"{path} is {other[0]}, not a checkpoint; {other[1].format(path=path)}")
         raise CheckpointError(f"{path} is a safetensors file but not a vvtq checkpoint (no 'vvtq' metadata)")
     try:
         meta = json.loads(raw)

@@ -90,6 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .evaluation import eval_loader, evaluate
     from .modelio import load_model
+    from .spec import data_source
 
     device = resolve_device(args.device)
     if args.packed:
@@ -99,8 +100,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{args.packed}: top-1 {acc:.2f}% (integer reference runtime)")
         return 0
     if args.onnx:
-        from .export.onnx_runtime import evaluate_onnx
+        from .export.onnx_runtime import evaluate_onnx, require_onnx
 
+        require_onnx("vvtq eval --onnx")
         r = evaluate_onnx(args.onnx, args.data, args.data_root, args.split, args.limit,
                           threads=args.threads or torch.get_num_threads())
         kind = f", {r['mode']} ONNX" if r["mode"] else ""
@@ -110,10 +112,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise ConfigError("vvtq eval needs --checkpoint CKPT, --packed FILE or --onnx FILE")
     model, meta = load_model(args.checkpoint, device)
-    data = args.data or meta["train_config"]["data"]
-    root = args.data_root or meta["train_config"].get("data_root")
-    split = args.split or meta["train_config"].get("val_split", "test")
-    base = eval_split(data, split, root, meta["train_config"].get("holdout", 0))
+    src = data_source(meta).given(args.data, args.data_root, args.split)
+    if not src.data:
+        raise ConfigError(f"{args.checkpoint} records no dataset; pass --data")
+    base = eval_split(src.data, src.val_split, src.root, src.holdout)
     if args.limit:
         from .data import SubsetImageDataset
 
@@ -129,12 +131,14 @@ def cmd_softlabels(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .distill import generate_softlabels
     from .modelio import load_model
+    from .spec import data_source
 
     device = resolve_device(args.device)
     teacher, meta = load_model(args.teacher, device)
-    tc = meta["train_config"]
-    holdout = tc.get("holdout", 0) if args.holdout is None else args.holdout
-    base = training_images(args.data or tc["data"], args.data_root or tc.get("data_root"), holdout)
+    src = data_source(meta).given(args.data, args.data_root, holdout=args.holdout)
+    if not src.data:
+        raise ConfigError(f"{args.teacher} records no dataset; pass --data")
+    base = training_images(src.data, src.root, src.holdout)
     if args.limit:
         from .data import SubsetImageDataset
 

@@ -6,7 +6,8 @@ recipe (the shipped ``demo_mini_deit_w2a2``: module-dependent quantizers at lr 1
 recipe of the accuracy study; a recipe with a live teacher gets the shipped teacher); (4) the packed integer
 export of the W2A2 model, run by the integer runtime, and its agreement with the PyTorch model; its fast ONNX
 export (integer kernels) run by onnxruntime, its agreement with the runtime and its latency against the FP
-teacher's own ONNX; (5) a table of FP vs W2A2 test accuracy, size and time.
+teacher's own ONNX (skipped, in one line, where the ``onnx`` extra is not installed); (5) a table of FP vs W2A2
+test accuracy, size and time.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .evaluation import eval_loader, evaluate
+from .export.onnx_runtime import ONNX_EXTRA_HINT, missing_onnx_packages
 from .modelio import load_model
+from .spec import data_source
 from .train import TrainConfig, train
 
 ASSET = Path(__file__).parent / "assets" / "mini_deit_fmnist.safetensors"
@@ -28,11 +31,10 @@ QUICK_TEACHER = ["train_subset=2048", "val_subset=1000", "epochs=1", "batch_size
 
 def _describe(cfg: TrainConfig) -> str:
     """One line on what a QAT recipe does: its quantizers, labels, crops, regularizer and lr."""
-    teacher = (cfg.teacher or {}).get("source", "none")
-    labels = "hard labels" if teacher == "none" else f"soft labels of the {teacher} teacher"
+    labels = f"soft labels of the {cfg.teacher.source} teacher" if cfg.teacher.distils else "hard labels"
     crops = f", {cfg.num_crops} crops an image" if cfg.num_crops > 1 else ""
     reg = ", bin regularizer" if cfg.regularizer else ""
-    return f"{cfg.quant.get('preset', 'vvtq')} preset, {labels}{crops}{reg}, lr {cfg.lr:g}"
+    return f"{cfg.quant.preset} preset, {labels}{crops}{reg}, lr {cfg.lr:g}"
 
 
 def model_size_bytes(model: torch.nn.Module) -> int:
@@ -102,7 +104,8 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     teacher, meta = load_model(teacher_path, "cpu")
     from .data import SubsetImageDataset, build_dataset
 
-    test = build_dataset(meta["train_config"]["data"], "test", meta["train_config"].get("data_root"))
+    src = data_source(meta)
+    test = build_dataset(src.data, "test", src.root)
     if quick:
         test = SubsetImageDataset(test, range(1000))
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -111,7 +114,7 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     fp_acc = evaluate(teacher.to(dev), eval_loader(test, meta["img_size"]), dev)["acc"]
 
     sets = [f"out={out_dir / 'w2a2'}", f"init_from={teacher_path}", f"device={device}"] + (QUICK if quick else [])
-    if (TrainConfig.from_recipe(QAT_RECIPE, sets).teacher or {}).get("source") == "live":
+    if TrainConfig.from_recipe(QAT_RECIPE, sets).teacher.source == "live":
         sets.append(f"teacher.checkpoint={teacher_path}")
     t = time.time()
     qat_cfg = TrainConfig.from_recipe(QAT_RECIPE, sets)
@@ -119,8 +122,9 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     result = train(qat_cfg)
     qat_time = time.time() - t
 
-    print("== 4/4  packed integer export of the W2A2 model, run by the integer runtime (vvtq.export.runtime), and "
-          "its fast ONNX export, run by onnxruntime")
+    missing = missing_onnx_packages()  # the onnx extra: without it, the ONNX row is one line naming it
+    print("== 4/4  packed integer export of the W2A2 model, run by the integer runtime (vvtq.export.runtime)"
+          + ("" if missing else ", and its fast ONNX export, run by onnxruntime"))
     from .export import write_packed
     from .export.runtime import build_runtime, run_packed
 
@@ -134,29 +138,25 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
     q_acc = 100.0 * (y_model.argmax(1) == labels).float().mean().item()
     rt_acc = 100.0 * (y_rt.argmax(1) == labels).float().mean().item()
     agree = int((y_model.argmax(1) == y_rt.argmax(1)).sum())
-    onnx = _fast_onnx(student, qmeta, teacher, out_dir / "w2a2", loader, test, meta["img_size"])
+    onnx = None if missing else _fast_onnx(student, qmeta, teacher, out_dir / "w2a2", loader, test, meta["img_size"])
 
     rows = [
         ("FP32 teacher", fp_acc, model_size_bytes(teacher),
          "shipped" if teacher_time is None else f"{teacher_time / 60:.1f} min"),
         ("W2A2 (vvtq)", q_acc, model_size_bytes(student), f"{qat_time / 60:.1f} min"),
         ("W2A2 packed", rt_acc, packed.stat().st_size, "exported"),
-        ("W2A2 ONNX fast", 100.0 * (onnx["logits"].argmax(1) == labels).float().mean().item(), onnx["bytes"],
-         "exported"),
     ]
-    print()
-    print(f"{'model':<16}{'test top-1':>12}{'size':>12}{'train time':>14}")
-    for name, acc, size, when in rows:
-        print(f"{name:<16}{acc:>11.2f}%{size / 1e6:>10.3f} MB{when:>14}")
+    if onnx is not None:
+        rows.append(("W2A2 ONNX fast", 100.0 * (onnx["logits"].argmax(1) == labels).float().mean().item(),
+                     onnx["bytes"], "exported"))
+    _print_table(rows, None if onnx is not None else
+                 f"skipped: {', '.join(missing)} not installed ({ONNX_EXTRA_HINT} adds them)")
     same = "identical logits" if torch.equal(y_model, y_rt) else \
         f"max logit difference {(y_model - y_rt).abs().max().item():.3g}"
+    files = "the packed row is the file" if onnx is None else "the packed and ONNX rows are the files"
     print(f"\nInteger runtime vs PyTorch model: {agree}/{len(labels)} predictions agree ({same}). Sizes: FP32 and "
-          "W2A2 count parameters (weights at their bit-width); the packed and ONNX rows are the files on disk.")
-    onnx_agree = int((onnx["logits"].argmax(1) == y_rt.argmax(1)).sum())
-    print(f"Fast ONNX (integer kernels, onnxruntime) vs integer runtime: {onnx_agree}/{len(labels)} predictions "
-          f"agree (max logit difference {(onnx['logits'] - y_rt).abs().max().item():.3g}). onnxruntime, 2 threads, "
-          f"batch {onnx['batch']}, median of {onnx['reps']}, side by side: FP ONNX {onnx['fp_ms']:.1f} ms, W2A2 fast "
-          f"ONNX {onnx['fast_ms']:.1f} ms ({onnx['fast_ms'] / onnx['fp_ms']:.2f}x).")
+          f"W2A2 count parameters (weights at their bit-width); {files} on disk.")
+    onnx_stats = {} if onnx is None else _print_onnx(onnx, y_rt)
     crops = result["step"] * qat_cfg.batch_size
     print(f"\nQAT budget: {crops} crops ({result['step']} steps). Test set: {len(test)} Fashion-MNIST images. "
           f"Total wall time {(time.time() - t0) / 60:.1f} min.")
@@ -164,5 +164,25 @@ def run_demo(quick: bool = False, from_scratch: bool = False, out: str = "runs/d
           f"{out_dir / 'w2a2' / 'metrics.jsonl'}; packed export {packed} (vvtq eval --packed ...)")
     return {"fp_acc": fp_acc, "w2a2_acc": q_acc, "fp_bytes": rows[0][2], "w2a2_bytes": rows[1][2],
             "packed_acc": rt_acc, "packed_bytes": rows[2][2], "runtime_agreement": agree / len(labels),
-            "onnx_agreement": onnx_agree / len(labels), "onnx_speed_ratio": onnx["fast_ms"] / onnx["fp_ms"],
+            "onnx_agreement": onnx_stats.get("agreement"), "onnx_speed_ratio": onnx_stats.get("speed_ratio"),
             "qat_s": qat_time, "total_s": time.time() - t0}
+
+
+def _print_table(rows: list[tuple[str, float, int, str]], onnx_skipped: str | None) -> None:
+    """The results table; ``onnx_skipped``: why the ONNX row is missing, printed in its place."""
+    print()
+    print(f"{'model':<16}{'test top-1':>12}{'size':>12}{'train time':>14}")
+    for name, acc, size, when in rows:
+        print(f"{name:<16}{acc:>11.2f}%{size / 1e6:>10.3f} MB{when:>14}")
+    if onnx_skipped:
+        print(f"{'W2A2 ONNX fast':<16}{onnx_skipped}")
+
+
+def _print_onnx(onnx: dict, y_rt: torch.Tensor) -> dict[str, float]:
+    """The fast ONNX export's agreement with the integer runtime and its latency against the FP ONNX."""
+    agree = int((onnx["logits"].argmax(1) == y_rt.argmax(1)).sum())
+    print(f"Fast ONNX (integer kernels, onnxruntime) vs integer runtime: {agree}/{len(y_rt)} predictions "
+          f"agree (max logit difference {(onnx['logits'] - y_rt).abs().max().item():.3g}). onnxruntime, 2 threads, "
+          f"batch {onnx['batch']}, median of {onnx['reps']}, side by side: FP ONNX {onnx['fp_ms']:.1f} ms, W2A2 fast "
+          f"ONNX {onnx['fast_ms']:.1f} ms ({onnx['fast_ms'] / onnx['fp_ms']:.2f}x).")
+    return {"agreement": agree / len(y_rt), "speed_ratio": onnx["fast_ms"] / onnx["fp_ms"]}

@@ -2,7 +2,8 @@
 
 The architecture (a timm model name and the keyword arguments it is built with), the quantization config (a
 ``QuantConfig`` dict, or None for a floating-point model), the input (image size, normalisation mean and std),
-the class names and the identity of the training set. ``to_dict`` gives the checkpoint metadata's keys
+the class names and the identity of the training set (``data_source(meta)`` reads from it which images the model
+was trained and validated on). ``to_dict`` gives the checkpoint metadata's keys
 (``model``, ``model_kwargs``, ``quant``, ``img_size``, ``mean``, ``std``, ``classes``, ``dataset``) and
 ``from_dict`` reads them back from any checkpoint's metadata, old ones included (other keys are ignored).
 ``ModelSpec.of(model)`` tells the spec of a live model: the one ``vvtq.build_model`` / ``vvtq.load_model``
@@ -88,6 +89,37 @@ class ModelSpec:
         config = getattr(model, "vvtq_config", None)
         spec = spec.with_quant(config) if config is not None else spec
         return replace(spec, **overrides) if overrides else spec
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """The images a model was trained and validated on: ``data`` (a ``build_dataset`` name or image folder, None
+    where unknown), ``root`` (None: the dataset's default folder), ``val_split`` (``test``, ``val`` or
+    ``holdout``) and ``holdout`` (training images put aside, the ones ``val_split: holdout`` scores on)."""
+
+    data: str | None
+    root: str | None = None
+    val_split: str = "test"
+    holdout: int = 0
+
+    def given(self, data: str | None = None, root: str | None = None, val_split: str | None = None,
+              holdout: int | None = None) -> DataSource:
+        """This source with the facts given (not None) replaced, e.g. a command's ``--data`` / ``--data-root``;
+        another dataset than the recorded one does not inherit the recorded root."""
+        other = data is not None and data != self.data
+        return DataSource(self.data if data is None else data, root if root is not None or other else self.root,
+                          val_split or self.val_split, self.holdout if holdout is None else int(holdout))
+
+
+def data_source(meta: dict[str, Any]) -> DataSource:
+    """The images the model of checkpoint metadata ``meta`` (or a ``ModelSpec.to_dict()``) was trained and
+    validated on, from its spec's ``dataset`` (the training set's ``identity()``). The one place that reads a
+    checkpoint's training settings: a checkpoint written before the spec recorded ``data``, ``holdout`` and
+    ``val_split`` takes the facts its spec lacks from its ``train_config``."""
+    ds, tc = meta.get("dataset") or {}, meta.get("train_config") or {}
+    return DataSource(data=ds.get("data") or tc.get("data"), root=ds.get("root") or tc.get("data_root") or None,
+                      val_split=ds.get("val_split") or tc.get("val_split") or "test",
+                      holdout=int(ds["holdout"] if "holdout" in ds else tc.get("holdout") or 0))
 
 
 def _from_timm(model: nn.Module) -> ModelSpec:

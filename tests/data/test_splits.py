@@ -40,3 +40,19 @@ def test_train_val_datasets_on_fashion_mnist():
     assert eval_split("fashion_mnist", "holdout", None, 5000).indices == val.indices
     with pytest.raises(DatasetError, match="needs holdout > 0"):
         train_val_datasets("fashion_mnist", None, "holdout", 0)
+
+
+def test_identity_records_how_to_rebuild_the_training_set():
+    """A training set's identity (what a model spec records) names its source, root, holdout and validation
+    split, through the held-out view and a further subset alike."""
+    rest, held = holdout_split(_dataset(), 20)
+    assert rest.identity()["data"] == "toy" and rest.identity()["holdout"] == 20 and held.identity()["holdout"] == 20
+    assert rest.identity()["name"] == "toy[train-20]"  # the name soft-label files are checked against is unchanged
+    train, _ = train_val_datasets("fashion_mnist", None, "holdout", 5000)
+    from vvtq.data import SubsetImageDataset
+
+    ident = SubsetImageDataset(train, range(10)).identity()
+    assert (ident["data"], ident["holdout"], ident["val_split"]) == ("fashion_mnist", 5000, "holdout")
+    assert ident["root"] == train.root and ident["num_images"] == 10
+    plain, _ = train_val_datasets("fashion_mnist", None, "test", 0)
+    assert (plain.identity()["holdout"], plain.identity()["val_split"]) == (0, "test")

@@ -273,3 +273,23 @@ def test_grayscale_with_workers(tmp_path):
     a.validate(base)
     for i in range(4):
         assert torch.equal(a.get(i)[0], b.get(i)[0]) and torch.equal(a.get(i)[1], b.get(i)[1])
+
+
+def test_a_soft_label_file_read_as_a_checkpoint_names_what_it_is(generated):
+    from vvtq.checkpoint import CheckpointError, read_meta
+
+    with pytest.raises(CheckpointError, match="is a soft-label file .* teacher.softlabels="):
+        read_meta(generated[2])
+
+
+def test_options_object_and_keywords_are_the_same(tmp_path):
+    from vvtq.distill.softlabels import SoftLabelOptions
+
+    base = make_base(n=3)
+    opts = SoftLabelOptions(num_crops_per_image=3, top_k=2, out_size=8, seed=4, batch_size=2)
+    a = generate_softlabels(RecordingTeacher(), base, tmp_path / "a.safetensors", options=opts)
+    b = generate_softlabels(RecordingTeacher(), base, tmp_path / "b.safetensors", num_crops_per_image=3, top_k=2,
+                            out_size=8, seed=4, batch_size=2)
+    assert a.read_bytes() == b.read_bytes()
+    with pytest.raises(TypeError, match="not both"):
+        generate_softlabels(RecordingTeacher(), base, tmp_path / "c.safetensors", options=opts, top_k=2)

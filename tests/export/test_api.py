@@ -46,3 +46,19 @@ def test_export_refuses_an_fp_model_and_a_wrong_spec(tmp_path):
     with pytest.raises(vvtq.VVTQError, match="does not match its spec"):
         vvtq.export(model, tmp_path / "bad.vvtq.safetensors", spec=vvtq.ModelSpec("mini_deit", {"depth": 3}))
     assert not list(tmp_path.iterdir())
+
+
+def test_export_records_the_dataset_of_the_spec(tmp_path):
+    """The packed file's data section comes from the spec's dataset: no training settings needed."""
+    ident = {"name": "fashion_mnist[train-50]", "root": "/data/fm", "split": "train", "data": "fashion_mnist",
+             "holdout": 50, "val_split": "holdout"}
+    model, _ = _quantized(dataset=ident)
+    data = read_packed(vvtq.export(model, tmp_path / "m.vvtq.safetensors")["path"]).header["data"]
+    assert data == {"name": "fashion_mnist", "root": "/data/fm", "split": "holdout", "holdout": 50}
+
+
+def test_reading_a_packed_file_as_a_checkpoint_names_what_it_is(tmp_path):
+    model, _ = _quantized()
+    path = vvtq.export(model, tmp_path / "m.vvtq.safetensors")["path"]
+    with pytest.raises(vvtq.VVTQError, match=r"packed integer export .* `vvtq eval --packed "):
+        vvtq.load_model(path)

@@ -2,6 +2,7 @@
 with the same predictions as the fake-quantized PyTorch model."""
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -12,11 +13,23 @@ import pytest
 import timm
 import torch
 from onnx import numpy_helper
+from timm.models import eva
+from torch import nn
 
 import vvtq.models  # noqa: F401
 from vvtq.data import EvalDataset, SubsetImageDataset, build_dataset
-from vvtq.export.onnx import export_onnx, onnx_ready, run_onnx
-from vvtq.quant import QuantConfig, calibrate, quantize_model
+from vvtq.export.onnx import OnnxAttention, export_onnx, onnx_ready, run_onnx
+from vvtq.quant import (
+    QuantAttention,
+    QuantConfig,
+    QuantConv2d,
+    Quantizer,
+    QuantizerError,
+    QuantLinear,
+    calibrate,
+    quantize_model,
+    rules,
+)
 
 torch.set_num_threads(1)
 
@@ -86,3 +99,46 @@ def test_onnx_outputs_do_not_hold_onnxruntime_buffers(exported, monkeypatch):
 
 class _Buffer(np.ndarray):
     pass
+
+
+def spy_on_the_rule_table(monkeypatch) -> list[tuple[str, bool]]:
+    """(rule name, quantized walk) of every module the rule table's walker matched, from now on."""
+    seen, rule_for = [], rules.rule_for
+
+    def spy(module: nn.Module, quantized: bool = False):
+        rule = rule_for(module, quantized)
+        if rule is not None:
+            seen.append((rule.name, quantized))
+        return rule
+
+    monkeypatch.setattr(rules, "rule_for", spy)
+    return seen
+
+
+def refused_by_the_rule_table(model: nn.Module, export) -> tuple[str, str]:
+    """The messages of the QAT conversion and of ``export`` for a gated attention block (refused by its rule)."""
+    gated = eva.EvaAttention(96, num_heads=3, gated=True, scale_norm=False)
+    wrapper, model = nn.Module(), copy.deepcopy(model)
+    wrapper.extra = model.extra = gated
+    with pytest.raises(QuantizerError) as qat:
+        quantize_model(wrapper)
+    with pytest.raises(QuantizerError) as exp:
+        export(model)
+    return str(qat.value), str(exp.value)
+
+
+def test_the_export_is_the_rule_tables_walk(exported, monkeypatch):
+    m = exported[0]
+    seen = spy_on_the_rule_table(monkeypatch)
+    ready = onnx_ready(m)
+    blocks = sum(isinstance(mod, QuantAttention) for mod in m.modules())
+    assert seen.count(("converted attention", True)) == blocks == 2 and ("MLP", True) in seen
+    assert all(quantized for _, quantized in seen)
+    assert sum(isinstance(mod, OnnxAttention) for mod in ready.modules()) == blocks
+    left = (QuantAttention, QuantLinear, QuantConv2d, Quantizer)
+    assert not [name for name, mod in ready.named_modules() if isinstance(mod, left)]
+
+
+def test_a_block_the_rule_table_refuses_is_refused_by_the_export(exported):
+    qat, export = refused_by_the_rule_table(exported[0], onnx_ready)
+    assert export == qat and qat.startswith("extra: gated attention")

@@ -10,14 +10,15 @@ import pytest
 import timm
 import torch
 from onnx import numpy_helper
+from test_onnx import refused_by_the_rule_table, spy_on_the_rule_table
 
 import vvtq.models  # noqa: F401
 from vvtq.data import EvalDataset, SubsetImageDataset, build_dataset
 from vvtq.export import write_packed
 from vvtq.export.onnx import export_onnx, run_onnx
-from vvtq.export.onnx_fast import FastExportError, fast_ready
+from vvtq.export.onnx_fast import FastAttention, FastExportError, fast_ready
 from vvtq.export.runtime import build_runtime, run_packed
-from vvtq.quant import QuantConfig, calibrate, quantize_model
+from vvtq.quant import QuantAttention, QuantConfig, QuantConv2d, Quantizer, QuantLinear, calibrate, quantize_model
 from vvtq.spec import ModelSpec
 
 torch.set_num_threads(1)
@@ -120,3 +121,16 @@ def test_attention_the_fast_form_cannot_express_is_refused(tmp_path, name, kwarg
     calibrate(m, [torch.randn(4, 1, img, img)])
     with pytest.raises(FastExportError, match=what):
         export_onnx(m.eval(), tmp_path / "m.onnx", img, mode="fast")
+
+
+def test_the_fast_export_is_the_rule_tables_walk(exported, monkeypatch):
+    m = exported["model"]
+    seen = spy_on_the_rule_table(monkeypatch)
+    ready = fast_ready(m)
+    blocks = sum(isinstance(mod, QuantAttention) for mod in m.modules())
+    assert seen.count(("converted attention", True)) == blocks > 0 and all(quantized for _, quantized in seen)
+    assert sum(isinstance(mod, FastAttention) for mod in ready.modules()) == blocks
+    left = (QuantAttention, QuantLinear, QuantConv2d, Quantizer)
+    assert not [name for name, mod in ready.named_modules() if isinstance(mod, left)]
+    qat, export = refused_by_the_rule_table(m, fast_ready)  # a block the rule table refuses: the same message
+    assert export == qat and qat.startswith("extra: gated attention")

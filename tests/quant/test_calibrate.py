@@ -22,9 +22,8 @@ from vvtq.quant import fake_quant as fq
 
 @pytest.fixture(autouse=True)
 def _eager():
-    fq.set_fused_kernels("0")
-    yield
-    fq.set_fused_kernels("auto")
+    with fq.fused_kernels("0"):
+        yield
 
 
 def _converted(name="mini_deit", **kw):

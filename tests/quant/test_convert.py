@@ -19,9 +19,8 @@ MINI = {"mini_deit": (1, 28, 28), "mini_swin": (1, 32, 32)}
 
 @pytest.fixture(autouse=True)
 def _eager():
-    fq.set_fused_kernels("0")
-    yield
-    fq.set_fused_kernels("auto")
+    with fq.fused_kernels("0"):
+        yield
 
 
 def _model(name: str, seed: int = 0) -> nn.Module:

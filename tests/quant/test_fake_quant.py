@@ -13,10 +13,8 @@ SCALE = 2.0**-3  # a power of two: x/s == x*(1/s) exactly, as the oracle multipl
 
 @pytest.fixture(autouse=True)
 def _eager():
-    before = fq._fused_mode
-    fq.set_fused_kernels("0")
-    yield
-    fq.set_fused_kernels(before)
+    with fq.fused_kernels("0"):
+        yield
 
 
 def _v_values(qmin: int, qmax: int, n: int, seed: int) -> torch.Tensor:

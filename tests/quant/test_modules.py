@@ -13,9 +13,8 @@ from vvtq.quant.modules import set_integer_eval
 
 @pytest.fixture(autouse=True)
 def _eager():
-    fq.set_fused_kernels("0")
-    yield
-    fq.set_fused_kernels("auto")
+    with fq.fused_kernels("0"):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,17 @@ from timm.models import eva
 from torch import nn
 
 import vvtq.export.runtime as runtime
-from vvtq.quant import QuantAttention, QuantConfig, QuantizerError, QuantLinear, calibrate, quantize_model, rules
-from vvtq.quant.attention import L2Norm
+from vvtq.quant import (
+    QuantAttention,
+    QuantConfig,
+    QuantConv2d,
+    QuantizerError,
+    QuantLinear,
+    calibrate,
+    quantize_model,
+    rules,
+)
+from vvtq.quant.attention import ACT_QUANTIZERS, L2Norm
 from vvtq.quant.config import ACT_KINDS, WEIGHT_KINDS
 
 TINY = {
@@ -132,3 +141,45 @@ def test_unsupported_blocks_are_refused_by_name():
         quantize_model(wrapper)
     with pytest.raises(QuantizerError, match=r"^blocks\.0\.attn: AttentionRope .* grouped-query"):
         quantize_model(tiny("eva02", attn_type="rope"))
+
+
+class _Recorder:
+    """A factory that records what the walker hands it and replaces nothing but attention (with a marker)."""
+
+    def __init__(self):
+        self.layers, self.blocks = {}, {}
+
+    def layer(self, module: nn.Module, path: str, site: rules.Site) -> nn.Module:
+        self.layers[path] = module
+        return module
+
+    def attention(self, spec, path: str) -> nn.Module:
+        self.blocks[path] = spec
+        return nn.Identity()
+
+
+@pytest.mark.parametrize("key", ["swinv2", "eva02_split"])
+def test_a_quantized_model_is_walked_by_the_same_table(key):
+    """The ONNX exports' walk (``quantized=True``): the table's sites hold the quantized layers, each converted
+    attention block is read back with its quantized projections and quantizers (only by this walk)."""
+    model = quantize_model(tiny(key), QuantConfig.preset("vvtq", 4))
+    attn = {n: m for n, m in model.named_modules() if isinstance(m, QuantAttention)}
+    inside = {f"{n}.{c}" for n, m in attn.items() for c, _ in m.named_modules() if c}
+    quant = {n: m for n, m in model.named_modules()
+             if isinstance(m, (QuantLinear, QuantConv2d)) and n not in inside}
+    assert all(rules.rule_for(m) is None and rules.rule_for(m, quantized=True) is rules.CONVERTED
+               for m in attn.values())
+    seen = _Recorder()
+    assert rules.apply_rules(model, seen, quantized=True) == len(attn)
+    assert seen.blocks.keys() == attn.keys() and seen.layers.keys() == quant.keys()
+    for path, spec in seen.blocks.items():
+        assert spec.quantizers == {n: getattr(attn[path], n) for n in ACT_QUANTIZERS}
+        assert all(isinstance(layer, QuantLinear) for layer in (*spec.linears.values(), spec.proj))
+        assert spec.rel_pos is attn[path].rel_pos and spec.logit_scale is attn[path].logit_scale
+
+
+def test_a_float_attention_in_a_quantized_walk_is_refused():
+    model = quantize_model(tiny("eva02"), QuantConfig.preset("vvtq", 4))
+    model.blocks[1].attn = tiny("eva02").blocks[1].attn
+    with pytest.raises(QuantizerError, match=r"^blocks\.1\.attn: EvaAttention was not converted"):
+        rules.apply_rules(model, _Recorder(), quantized=True)

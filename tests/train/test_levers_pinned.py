@@ -2,9 +2,10 @@
 in ``levers_pinned.json``. A refactor of how the levers are wired must leave these runs unchanged, to the bit, so
 that studies started before it stay comparable.
 
-Bit-exact where the CPU's vector capability is the one the reference was recorded on (float sums may round
-differently on another instruction set); close (relative 1e-4 per tensor sum) elsewhere. Rewrite the reference,
-only for a change meant to alter training, with ``python tests/train/test_levers_pinned.py --write``.
+The runs use the eager fake-quant kernels. Bit-exact where the CPU's vector capability is the one the reference
+was recorded on (float sums may round differently on another instruction set); close (relative 1e-4 per tensor
+sum) elsewhere. Rewrite the reference, only for a change meant to alter training, with
+``python tests/train/test_levers_pinned.py --write``.
 """
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ CASES = {
 
 
 def _weights_after(case: str, tmp: Path) -> dict[str, torch.Tensor]:
+    """The weights a run of ``case`` ends with, on the eager fake-quant kernels (whatever mode another test
+    left)."""
+    from vvtq.quant import fused_kernels
+
+    with fused_kernels("0"):
+        return _run(case, tmp)
+
+
+def _run(case: str, tmp: Path) -> dict[str, torch.Tensor]:
     from vvtq.train import TrainConfig, train
 
     sets = list(CASES[case])

@@ -33,6 +33,10 @@ class ImageDataset(ABC):
     #: per-channel normalisation statistics suited to this source
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    #: training images put aside before these (``holdout_split``); 0 when none were
+    holdout: int = 0
+    #: the split a training set is validated on (``train_val_datasets`` sets it), None where unknown
+    val_split: str | None = None
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -70,8 +74,15 @@ class ImageDataset(ABC):
         h.update(",".join(map(str, self.labels())).encode())
         return h.hexdigest()[:16]
 
+    @property
+    def source(self) -> str:
+        """The name ``build_dataset`` builds this data from (with ``root``), e.g. ``"fashion_mnist"``."""
+        return self.name
+
     def identity(self) -> dict[str, Any]:
-        """What soft-label files record to recognise this dataset later."""
+        """What soft-label files and model specs record to recognise this dataset later: its name, root, split,
+        size and fingerprint, and how to rebuild it (``data``: the ``build_dataset`` name, ``holdout``,
+        ``val_split``)."""
         return {
             "name": self.name,
             "root": self.root,
@@ -80,6 +91,9 @@ class ImageDataset(ABC):
             "num_classes": self.num_classes,
             "in_chans": self.in_chans,
             "fingerprint": self.fingerprint(),
+            "data": self.source,
+            "holdout": int(self.holdout),
+            "val_split": self.val_split,
         }
 
     def _check_index(self, i: int) -> int:
@@ -167,7 +181,11 @@ class SubsetImageDataset(ImageDataset):
         self.base, self.indices = base, idx
         self.split, self.mean, self.std = base.split, base.mean, base.std
         self.name = f"{base.name}[subset]"
-        self.root = base.root
+        self.root, self.holdout, self.val_split = base.root, base.holdout, base.val_split
+
+    @property
+    def source(self) -> str:
+        return self.base.source
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -25,6 +25,7 @@ def holdout_split(train: ImageDataset, n: int) -> tuple[ImageDataset, ImageDatas
     rest, held = sorted(perm[:-n]), sorted(perm[-n:])
     rest_ds, held_ds = SubsetImageDataset(train, rest), SubsetImageDataset(train, held)
     rest_ds.name, held_ds.name = f"{train.name}[train-{n}]", f"{train.name}[holdout-{n}]"
+    rest_ds.holdout = held_ds.holdout = n
     held_ds.split = HOLDOUT_SPLIT
     return rest_ds, held_ds
 
@@ -42,6 +43,7 @@ def train_val_datasets(data: str, root: str | None, val_split: str, holdout: int
     from . import build_dataset
 
     train, held = holdout_split(build_dataset(data, "train", root), holdout)
+    train.val_split = val_split  # recorded in its identity: the model spec says what the model was validated on
     if val_split == HOLDOUT_SPLIT:
         if holdout <= 0:
             raise DatasetError("val_split 'holdout' needs holdout > 0 (the number of training images to hold out)")

@@ -9,11 +9,12 @@ document under ``vvtq_softlabels`` (dataset identity, num_classes, M, k, out_siz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,13 @@ from vvtq.data.base import ImageDataset
 from vvtq.data.multicrop import STREAM_SOFTLABEL_CROPS
 from vvtq.data.transforms import apply_crop, boxes_to_tensor, item_generator, normalize, sample_crop
 from vvtq.errors import VVTQError
+from vvtq.fileio import atomic_write, safetensors_header
+from vvtq.progress import progress
 
 FORMAT_NAME = "vvtq-softlabels"
 FORMAT_VERSION = 1
 META_KEY = "vvtq_softlabels"
 INTERPOLATION = "bilinear-antialias-down"
-
-_ST_DTYPES = {
-    torch.float32: ("F32", np.dtype("<f4")),
-    torch.float16: ("F16", np.dtype("<f2")),
-    torch.int16: ("I16", np.dtype("<i2")),
-    torch.int32: ("I32", np.dtype("<i4")),
-}
-
 
 class SoftLabelError(VVTQError, ValueError):
     """A soft-label file is missing, corrupt, or was made for another dataset/split/class count."""
@@ -91,150 +86,140 @@ def _collate_units(batch):
     )
 
 
-def _write_header(f, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
-    """Write a safetensors header (tensors laid out in order); returns ``{name: (offset, dtype, shape)}``."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    layout = {}
-    pos = 0
-    for name, dtype, shape in tensors:
-        code, npdt = _ST_DTYPES[dtype]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * npdt.itemsize
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
-        layout[name] = (pos, npdt, shape)
-        pos += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
-    base = 8 + len(raw)
-    f.truncate(base + pos)
-    return {k: (base + off, dt, shp) for k, (off, dt, shp) in layout.items()}
+@dataclass
+class SoftLabelOptions:
+    """How ``generate_softlabels`` labels a dataset: M crops an image (``num_crops_per_image``) of random area in
+    ``scale`` and aspect in ``ratio``, resized to ``out_size`` and normalised by ``mean`` / ``std`` (default: the
+    dataset's); the teacher's ``top_k`` classes kept, probabilities as ``prob_dtype``; boxes drawn from ``seed``;
+    ``batch_size`` crops a teacher call (on ``device`` when given), read by ``num_workers`` loader processes."""
+
+    num_crops_per_image: int = 500
+    top_k: int = 5
+    out_size: int = 224
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    seed: int = 0
+    batch_size: int = 256
+    progress: bool = False
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    device: str | torch.device | None = None
+    num_workers: int = 0
+    prob_dtype: torch.dtype = torch.float16
+
+    def check(self, dataset: ImageDataset) -> None:
+        """Raise unless these options can label ``dataset``."""
+        m, k, c = int(self.num_crops_per_image), int(self.top_k), dataset.num_classes
+        if m < 1 or not 1 <= k <= c:
+            raise SoftLabelError(f"need num_crops_per_image >= 1 and 1 <= top_k <= num_classes ({c}); got {m}, {k}")
+        if len(dataset) == 0:
+            raise SoftLabelError("cannot generate soft labels for an empty dataset")
+        if self.prob_dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"prob_dtype must be float16 or float32, got {self.prob_dtype}")
 
 
 @torch.no_grad()
-def generate_softlabels(
-    teacher: Callable[[torch.Tensor], torch.Tensor],
-    dataset: ImageDataset,
-    out_path: str | os.PathLike,
-    num_crops_per_image: int = 500,
-    top_k: int = 5,
-    out_size: int = 224,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    seed: int = 0,
-    batch_size: int = 256,
-    progress: bool = False,
-    scale: tuple[float, float] = (0.35, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    prob_dtype: torch.dtype = torch.float16,
-) -> Path:
+def generate_softlabels(teacher: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset,
+                        out_path: str | os.PathLike, *, options: SoftLabelOptions | None = None,
+                        **settings: Any) -> Path:
     """Run ``teacher`` on M random crops of every image and store boxes + top-k probabilities (atomically).
 
     ``teacher`` maps a normalised batch ``[B, C, S, S]`` (moved to ``device`` if given) to logits
-    ``[B, num_classes]``. Boxes are deterministic from ``seed``; crops are batched across images.
+    ``[B, num_classes]``. Boxes are deterministic from ``seed``; crops are batched across images. ``options`` (or
+    its fields as keywords: ``num_crops_per_image=50``, ``top_k=5``, ...) say how.
     """
-    m, k, n, c = int(num_crops_per_image), int(top_k), len(dataset), dataset.num_classes
-    if m < 1 or not 1 <= k <= c:
-        raise SoftLabelError(f"need num_crops_per_image >= 1 and 1 <= top_k <= num_classes ({c}); got {m}, {k}")
-    if n == 0:
-        raise SoftLabelError("cannot generate soft labels for an empty dataset")
-    if prob_dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"prob_dtype must be float16 or float32, got {prob_dtype}")
-    mean = tuple(float(v) for v in (dataset.mean if mean is None else mean))
-    std = tuple(float(v) for v in (dataset.std if std is None else std))
-    idx_dtype = torch.int16 if c <= 32767 else torch.int32
-    meta = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "dataset": dataset.identity(),
-        "num_classes": c,
-        "num_images": n,
-        "num_crops": m,
-        "top_k": k,
-        "out_size": int(out_size),
-        "mean": list(mean),
-        "std": list(std),
-        "seed": int(seed),
-        "scale": list(scale),
-        "ratio": list(ratio),
-        "interpolation": INTERPOLATION,
-    }
-    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), META_KEY: json.dumps(meta)}
+    if options is not None and settings:
+        raise TypeError("generate_softlabels: pass options or keyword settings, not both")
+    opts = options or SoftLabelOptions(**settings)
+    opts.check(dataset)
+    mean = tuple(float(v) for v in (dataset.mean if opts.mean is None else opts.mean))
+    std = tuple(float(v) for v in (dataset.std if opts.std is None else opts.std))
+    out_path = Path(out_path)
+    with _eval_mode(teacher), atomic_write(out_path) as tmp:
+        _write_labels(tmp, teacher, dataset, opts, mean, std)
+    return out_path
 
-    chunk = max(1, min(m, int(batch_size)))
-    units = _TeacherCrops(dataset, m, chunk, int(out_size), mean, std, int(seed), tuple(scale), tuple(ratio))
-    loader = DataLoader(
-        units,
-        batch_size=max(1, int(batch_size) // chunk),
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate_units,
-    )
-    was_training = getattr(teacher, "training", None)
+
+@contextlib.contextmanager
+def _eval_mode(teacher: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """The teacher in eval mode (a module), back in training mode afterwards if it was."""
+    was_training = isinstance(teacher, torch.nn.Module) and teacher.training
     if isinstance(teacher, torch.nn.Module):
         teacher.eval()
-
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            layout = _write_header(
-                f,
-                [
-                    ("boxes", torch.float32, (n, m, 5)),
-                    ("topk_idx", idx_dtype, (n, m, k)),
-                    ("topk_prob", prob_dtype, (n, m, k)),
-                ],
-                metadata,
-            )
-        arrays = {
-            name: np.memmap(tmp_name, dtype=dt, mode="r+", offset=off, shape=shp)
-            for name, (off, dt, shp) in layout.items()
-        }
-        done = np.zeros((n, m), dtype=bool)
-        it = loader
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(loader, desc="soft labels", unit="batch")
-        for x, boxes, spans in it:
-            if device is not None:
-                x = x.to(device, non_blocking=True)
-            logits = teacher(x)
-            if logits.dim() != 2 or logits.shape != (x.shape[0], c):
-                raise ValueError(
-                    f"teacher returned shape {tuple(logits.shape)}, expected ({x.shape[0]}, {c})"
-                )
-            prob = torch.softmax(logits.float(), dim=-1)
-            top_p, top_i = prob.topk(k, dim=-1)
-            top_p = top_p.to(prob_dtype).cpu().numpy()
-            top_i = top_i.to(idx_dtype).cpu().numpy()
-            boxes_np = boxes.numpy()
-            pos = 0
-            for i, lo, cnt in spans:
-                arrays["boxes"][i, lo : lo + cnt] = boxes_np[pos : pos + cnt]
-                arrays["topk_idx"][i, lo : lo + cnt] = top_i[pos : pos + cnt]
-                arrays["topk_prob"][i, lo : lo + cnt] = top_p[pos : pos + cnt]
-                done[i, lo : lo + cnt] = True
-                pos += cnt
-        if not done.all():
-            raise RuntimeError("soft-label generation did not cover every crop")
-        for a in arrays.values():
-            a.flush()
-        del arrays
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+        yield
     finally:
-        if isinstance(teacher, torch.nn.Module) and was_training:
+        if was_training:
             teacher.train()
-    return out_path
+
+
+def _file_metadata(dataset: ImageDataset, opts: SoftLabelOptions, mean: tuple[float, ...],
+                   std: tuple[float, ...]) -> dict[str, str]:
+    """The safetensors metadata of a soft-label file: format, version and the JSON document."""
+    meta = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "dataset": dataset.identity(),
+        "num_classes": dataset.num_classes, "num_images": len(dataset), "num_crops": int(opts.num_crops_per_image),
+        "top_k": int(opts.top_k), "out_size": int(opts.out_size), "mean": list(mean), "std": list(std),
+        "seed": int(opts.seed), "scale": list(opts.scale), "ratio": list(opts.ratio), "interpolation": INTERPOLATION,
+    }
+    return {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), META_KEY: json.dumps(meta)}
+
+
+def _write_labels(path: Path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset: ImageDataset,
+                  opts: SoftLabelOptions, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """Lay the file out at ``path`` (header, then the tensors' space), then fill it batch by batch."""
+    n, m, k, c = len(dataset), int(opts.num_crops_per_image), int(opts.top_k), dataset.num_classes
+    idx_dtype = torch.int16 if c <= 32767 else torch.int32
+    arrays = _allocate(path, [("boxes", torch.float32, (n, m, 5)), ("topk_idx", idx_dtype, (n, m, k)),
+                              ("topk_prob", opts.prob_dtype, (n, m, k))], _file_metadata(dataset, opts, mean, std))
+    done = np.zeros((n, m), dtype=bool)
+    for x, boxes, units in _crop_loader(dataset, opts, mean, std):
+        top_p, top_i = _teacher_topk(teacher, x, opts, c, idx_dtype)
+        rows = {"boxes": boxes.numpy(), "topk_idx": top_i, "topk_prob": top_p}
+        pos = 0
+        for i, lo, cnt in units:
+            for name, values in rows.items():
+                arrays[name][i, lo:lo + cnt] = values[pos:pos + cnt]
+            done[i, lo:lo + cnt] = True
+            pos += cnt
+    if not done.all():
+        raise RuntimeError("soft-label generation did not cover every crop")
+    for a in arrays.values():
+        a.flush()
+
+
+def _allocate(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+              metadata: dict[str, str]) -> dict[str, np.memmap]:
+    """Write the safetensors header and size the file; each tensor's bytes as a writable memory map."""
+    header, spans = safetensors_header(entries, metadata)
+    with open(path, "r+b") as f:
+        f.write(header)
+        f.truncate(max([len(header), *(end for _, end in spans.values())]))
+    return {name: np.memmap(path, dtype=torch.empty(0, dtype=dt).numpy().dtype, mode="r+", offset=spans[name][0],
+                            shape=shape) for name, dt, shape in entries}
+
+
+def _crop_loader(dataset: ImageDataset, opts: SoftLabelOptions, mean: tuple[float, ...], std: tuple[float, ...]):
+    """Batches of ``(crops, boxes, [(image, first crop, count)])``, about ``batch_size`` crops each."""
+    m = int(opts.num_crops_per_image)
+    chunk = max(1, min(m, int(opts.batch_size)))
+    units = _TeacherCrops(dataset, m, chunk, int(opts.out_size), mean, std, int(opts.seed), tuple(opts.scale),
+                          tuple(opts.ratio))
+    loader = DataLoader(units, batch_size=max(1, int(opts.batch_size) // chunk), shuffle=False,
+                        num_workers=opts.num_workers, collate_fn=_collate_units)
+    return progress(loader, opts.progress, len(loader), "soft labels", every=max(1, len(loader) // 20))
+
+
+def _teacher_topk(teacher: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, opts: SoftLabelOptions,
+                  num_classes: int, idx_dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's top-k probabilities and classes for a batch of crops, as the file stores them."""
+    if opts.device is not None:
+        x = x.to(opts.device, non_blocking=True)
+    logits = teacher(x)
+    if logits.dim() != 2 or logits.shape != (x.shape[0], num_classes):
+        raise ValueError(f"teacher returned shape {tuple(logits.shape)}, expected ({x.shape[0]}, {num_classes})")
+    top_p, top_i = torch.softmax(logits.float(), dim=-1).topk(int(opts.top_k), dim=-1)
+    return top_p.to(opts.prob_dtype).cpu().numpy(), top_i.to(idx_dtype).cpu().numpy()
 
 
 class SoftLabelFile:

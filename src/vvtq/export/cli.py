@@ -15,6 +15,10 @@ def run_export(args: argparse.Namespace) -> None:
     """Write the packed export (and optionally the ONNX model) of ``args.checkpoint``."""
     from ..modelio import load_model
 
+    if getattr(args, "onnx", None):
+        from .onnx_runtime import require_onnx
+
+        require_onnx("--onnx")
     model, meta = load_model(args.checkpoint, "cpu")
     if meta.get("quant") is None:
         raise ExportFormatError(f"{args.checkpoint} is a floating-point checkpoint; export needs a quantized one")

@@ -20,7 +20,7 @@ file stores a few blobs; the header says how they split into the logical tensors
     base64) and ``vvtq_export_sha256`` (sha256 of the JSON text). The JSON holds
     ``format``, ``version`` (2),
     ``arch``       {model, model_kwargs, img_size, mean, std, classes},
-    ``data``       {name, root, split} of the evaluation set, ``source`` {step, epoch, best_acc},
+    ``data``       {name, root, split, holdout} of the evaluation set, ``source`` {step, epoch, best_acc},
     ``quant``      the ``QuantConfig`` dict,
     ``quantizers`` {name: {bits, signed, granularity, axis, num_groups, kind, offset}} (enabled ones only),
     ``layers``     {path: {type linear|conv2d, kind, weight_quant, input_quant (bools), bias, weight_shape,
@@ -55,6 +55,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..errors import VVTQError
+from ..spec import data_source
 from .packing import pack, packed_nbytes, unpack
 
 FORMAT_NAME = "vvtq-packed"
@@ -96,8 +97,9 @@ def build_export(model: nn.Module, meta: dict[str, Any], fp_dtype: torch.dtype =
     """The tensors and the header of the packed export of a quantized, calibrated ``model``.
 
     ``meta`` is the checkpoint metadata (``model``, ``model_kwargs``, ``img_size``, ``mean``, ``std``,
-    ``classes``, ``quant``, ``train_config``). ``fp_dtype`` float16 halves the FP remainder (lossy: the runtime
-    then no longer matches the float32 model exactly); scales and offsets stay float32 always.
+    ``classes``, ``quant``, ``dataset``; the data it records is ``spec.data_source(meta)``). ``fp_dtype`` float16
+    halves the FP remainder (lossy: the runtime then no longer matches the float32 model exactly); scales and
+    offsets stay float32 always.
     """
     from ..quant import QuantConv2d, Quantizer, QuantLinear
 
@@ -163,9 +165,8 @@ def build_export(model: nn.Module, meta: dict[str, Any], fp_dtype: torch.dtype =
 
 
 def _data_info(meta: dict[str, Any]) -> dict[str, Any]:
-    tc = meta.get("train_config") or {}
-    return {"name": tc.get("data"), "root": tc.get("data_root"), "split": tc.get("val_split", "test"),
-            "holdout": tc.get("holdout", 0)}
+    src = data_source(meta)
+    return {"name": src.data, "root": src.root, "split": src.val_split, "holdout": src.holdout}
 
 
 def _blob_names(header: dict[str, Any]) -> dict[str, list[str]]:

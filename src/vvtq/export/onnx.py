@@ -24,19 +24,24 @@ input. Likewise, a layer whose input is not a plain per-tensor Q/DQ pair (per-he
 offset) gets ``Mul(DequantizeLinear(C_w, 1, 0), s_w)``: with a float input, onnxruntime would otherwise fuse the
 weight's DequantizeLinear with MatMul and quantize the float input dynamically to 8 bits.
 
-The graph is produced by ``torch.onnx.export`` (the dynamo exporter) from a copy of the model whose quantizers
-are replaced by modules that emit these ops via ``torch.onnx.ops.symbolic`` during export and compute the same
-thing in PyTorch otherwise.
+The graph is produced by ``torch.onnx.export`` (the dynamo exporter) from a copy of the model whose quantized layers
+and attention blocks are rebuilt with modules that emit these ops via ``torch.onnx.ops.symbolic`` during export
+and compute the same thing in PyTorch otherwise. The copy is walked by the rule table (``vvtq.quant.rules``,
+``apply_rules(..., quantized=True)``) with this module's factory (``OnnxFactory``); attention keeps the quantized
+model's fake-quant arithmetic (``OnnxAttention``, an ``AttentionCore``).
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..quant.attention import ACT_QUANTIZERS, AttentionCore, AttentionSpec
+from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.rules import Site, export_copy
 
 OPSET = 18
 _ONNX_INT8, _ONNX_UINT8, _ONNX_FLOAT = 3, 2, 1
@@ -179,25 +184,38 @@ class OnnxConv2d(OnnxLinear):
         return F.conv2d(self.input_quant(x), w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class OnnxAttention(AttentionCore):
+    """A quantized attention block for the QDQ export: ``AttentionCore``'s fake-quant arithmetic (the quantized
+    model's, term for term), its quantizers as QDQ pairs and its projections as ``OnnxLinear``."""
+
+    def __init__(self, spec: AttentionSpec):
+        quants = {name: _act(spec.quantizers[name]) for name in ACT_QUANTIZERS}
+        super().__init__(spec, qkv={key: OnnxLinear(layer) for key, layer in spec.linears.items()},
+                         proj=OnnxLinear(spec.proj), qv_bias=spec.qv_bias, **quants)
+
+    def _integer_now(self, x: Tensor) -> bool:
+        return False
+
+    def _fake(self, quant: nn.Module | None, x: Tensor) -> Tensor:
+        return x if quant is None else quant(x)
+
+
+class OnnxFactory:
+    """The QDQ export's factory for the rule table (``vvtq.quant.rules``): a quantized model's layers and attention
+    blocks as QDQ modules (a layer left unquantized stays as it is)."""
+
+    def layer(self, module: nn.Module, path: str, site: Site) -> nn.Module:
+        if not isinstance(module, (QuantLinear, QuantConv2d)):
+            return module
+        return OnnxConv2d(module) if site.conv else OnnxLinear(module)
+
+    def attention(self, spec: AttentionSpec, path: str) -> nn.Module:
+        return OnnxAttention(spec)
+
+
 def onnx_ready(model: nn.Module) -> nn.Module:
     """A float32 eval-mode copy of a quantized ``model`` whose quantizers emit QDQ ops under ONNX export."""
-    from ..quant import QuantAttention, QuantConv2d, QuantLinear
-
-    m = copy.deepcopy(model).float().eval()
-    for path, mod in list(m.named_modules()):
-        parent_path, _, attr = path.rpartition(".")
-        parent = m.get_submodule(parent_path) if parent_path else m
-        if isinstance(mod, QuantConv2d):
-            setattr(parent, attr, OnnxConv2d(mod))
-        elif isinstance(mod, QuantLinear):
-            setattr(parent, attr, OnnxLinear(mod))
-    for mod in m.modules():
-        if isinstance(mod, QuantAttention):
-            for name in ("input_quant", "q_quant", "k_quant", "v_quant", "attn_quant"):
-                setattr(mod, name, _act(getattr(mod, name)))
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
+    return export_copy(model, OnnxFactory())
 
 
 MODES = ("fast", "qdq")

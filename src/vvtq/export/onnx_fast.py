@@ -21,7 +21,9 @@ matmuls as ``MatMulIntegerToFloat`` on codes (q, softmax output: uint8; k, v: in
 
 The softmax output is quantized with a per-head ``QuantizeLinear`` (``axis=1``); the attention output comes out
 in the code units of the output projection's input quantizer. The patch embedding (kernel = stride, no padding)
-is patchified and run the same way. LayerNorm, softmax, GELU and residuals stay float.
+is patchified and run the same way. LayerNorm, softmax, GELU and residuals stay float. Attention is
+``vvtq.quant.attention.AttentionCore`` (``FastAttention``): the quantized model's order of operations, with these
+kernels. The model is walked by the rule table (``vvtq.quant.rules``) with this module's factory (``FastFactory``).
 
 Not bit-exact: folding ``1/s`` into a projection's float epilogue, and onnxruntime's own rounding of
 ``x / s``, move values within float32 rounding of a code threshold into the neighbouring code. The exact QDQ export
@@ -31,12 +33,14 @@ for the 8-bit layers.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import Tensor, nn
 
+from ..quant.attention import AttentionCore, AttentionSpec, attend
+from ..quant.modules import QuantConv2d, QuantLinear
+from ..quant.rules import Site, export_copy
 from .format import ExportFormatError
 
 OPSET_FAST = 21
@@ -89,9 +93,23 @@ def matmul_int(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, a_zp: Ten
 
 
 # --------------------------------------------------------------------------- activations and layers
+class FastCodes(nn.Module):
+    """``clamp(round(x / scale) + zp, lo, hi)``: codes of values already in code units (``scale`` 1, the step size
+    folded into the layer before), or of the softmax output (its step sizes, per tensor or per head on axis 1)."""
+
+    def __init__(self, scale: Tensor, zp: Tensor, hi: int, lo: int = 0):
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("zp", zp)
+        self.hi, self.lo = hi, lo
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quantize_linear(x, self.scale, self.zp, self.hi, self.lo)
+
+
 class FastAct(nn.Module):
-    """An activation quantizer as uint8 codes with zero point ``-Qn``: ``codes(x)`` from real values,
-    ``unit_codes(u)`` from values already in code units (``u = x / s``)."""
+    """An activation quantizer as uint8 codes with zero point ``-Qn``: ``codes(x)`` (``forward``) from real values;
+    ``unit_codes()`` (uint8) and ``unit_int8()`` make the quantizer of values already in code units (``u = x / s``)."""
 
     def __init__(self, q: nn.Module, where: str):
         super().__init__()
@@ -102,7 +120,6 @@ class FastAct(nn.Module):
         self.register_buffer("scale", q.scale.detach().float().clamp_min(1e-8).clone())
         self.register_buffer("offset", None if q.offset is None else q.offset.detach().float().clone())
         self.register_buffer("zp", torch.tensor(-self.qmin, dtype=torch.uint8))
-        self.register_buffer("unit", torch.ones(()))
 
     def per_channel(self, width: int) -> Tensor:
         """The step sizes repeated over ``width`` channels (a scalar for a per-tensor quantizer)."""
@@ -118,8 +135,13 @@ class FastAct(nn.Module):
         zp = self.zp if s.ndim == 0 else self.zp.expand(s.shape).contiguous()
         return quantize_linear(x, s, zp, self.qmax - self.qmin, axis=-1)
 
-    def unit_codes(self, u: Tensor) -> Tensor:
-        return quantize_linear(u, self.unit, self.zp, self.qmax - self.qmin)
+    forward = codes
+
+    def unit_codes(self) -> FastCodes:
+        return FastCodes(torch.ones(()), self.zp.clone(), self.qmax - self.qmin)
+
+    def unit_int8(self) -> FastCodes:
+        return FastCodes(torch.ones(()), torch.zeros((), dtype=torch.int8), self.qmax, self.qmin)
 
 
 class FastLinear(nn.Module):
@@ -174,7 +196,8 @@ class FastLinear(nn.Module):
         return y
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.from_codes(self.input_quant.codes(x))
+        """From real values, or from codes (an integer tensor: an attention block hands its projections those)."""
+        return self.from_codes(self.input_quant.codes(x) if x.is_floating_point() else x)
 
 
 class FastPatchEmbed(FastLinear):
@@ -198,108 +221,111 @@ class FastPatchEmbed(FastLinear):
         return y.reshape(B, hp, wp, -1).permute(0, 3, 1, 2)  # NCHW, as the convolution
 
 
-class FastAttention(nn.Module):
-    """Multi-head attention on codes (the module docstring); ``[B, N, C] -> [B, N, C]``."""
+class FastAttention(AttentionCore):
+    """Multi-head attention on codes (the module docstring), ``[B, N, C] -> [B, N, C]``: ``AttentionCore.forward``
+    (projections, heads, q / k / v codes, bias and mask, heads merged, output projection) and ``attend`` (scores,
+    bias, softmax, its codes, attn@v), with every quantizer as codes and both matmuls as ``MatMulIntegerToFloat``.
+    The step sizes of q, k and v are folded into their projections, whose outputs are quantized in code units."""
 
-    def __init__(self, att: nn.Module, where: str):
-        super().__init__()
-        self.H, self.d, self.scale = att.num_heads, att.head_dim, float(att.scale)
+    def __init__(self, spec: AttentionSpec, where: str):
+        H, d = spec.num_heads, spec.head_dim
         for name in ("q_norm", "k_norm", "norm"):
-            if not isinstance(getattr(att, name), nn.Identity):
+            if not isinstance(getattr(spec, name), nn.Identity):
                 raise FastExportError(f"{where}.{name}: a norm inside attention has no fast form")
         for name, what in (("rope_prefix", "rotary position embedding (EVA-02)"),
-                           ("q_bias", "separate q / v biases"), ("logit_scale", "cosine attention (SwinV2)")):
-            if getattr(att, name, None) is not None:
+                           ("qv_bias", "separate q / v biases"), ("logit_scale", "cosine attention (SwinV2)")):
+            if getattr(spec, name) is not None:
                 raise FastExportError(f"{where}: {what} has no fast form")
-        quants = {n: getattr(att, n) for n in ("q_quant", "k_quant", "v_quant", "attn_quant")}
-        quants["out"] = att.proj.input_quant
+        quants = {n: spec.quantizers[n] for n in ("q_quant", "k_quant", "v_quant", "attn_quant")}
+        quants["out"] = spec.proj.input_quant
         for n, q in quants.items():
-            if q is None or not q.enabled or q.offset is not None or q.num_groups not in (1, self.H):
+            if q is None or not q.enabled or q.offset is not None or q.num_groups not in (1, H):
                 raise FastExportError(f"{where}.{n}: the fast export needs a per-tensor or per-head quantizer "
                                       "without offset")
         for n in ("k_quant", "v_quant"):
             if quants[n].qmin < -128 or quants[n].qmax > 127:
                 raise FastExportError(f"{where}.{n}: codes do not fit int8")
-        self.q_act, self.k_act, self.v_act, self.out_act = (FastAct(quants[n], f"{where}.{n}")
-                                                            for n in ("q_quant", "k_quant", "v_quant", "out"))
-        self.p_act = FastAct(quants["attn_quant"], f"{where}.attn_quant")
-        C = self.H * self.d
-        inv = [1.0 / a.per_channel(C).double().expand(C) for a in (self.q_act, self.k_act, self.v_act)]
-        iq = att.input_quant
-        if att.split:
-            self.q, self.k, self.v = (FastLinear(getattr(att, n), f"{where}.{n}", m, iq)
-                                      for n, m in zip("qkv", inv, strict=True))
+        q_act, k_act, v_act, out_act = (FastAct(quants[n], f"{where}.{n}")
+                                        for n in ("q_quant", "k_quant", "v_quant", "out"))
+        p_act = FastAct(quants["attn_quant"], f"{where}.attn_quant")
+        C = H * d
+        inv = [1.0 / a.per_channel(C).double().expand(C) for a in (q_act, k_act, v_act)]
+        iq = spec.quantizers["input_quant"]
+        if "q" in spec.linears:
+            qkv = {n: FastLinear(spec.linears[n], f"{where}.{n}", m, iq) for n, m in zip("qkv", inv, strict=True)}
         else:
-            self.qkv = FastLinear(att.qkv, f"{where}.qkv", torch.cat(inv), iq)
-        self.split = att.split
-        self.proj = FastLinear(att.proj, f"{where}.proj")
-        self.rel_pos = att.rel_pos
+            qkv = {"qkv": FastLinear(spec.linears["qkv"], f"{where}.qkv", torch.cat(inv), iq)}
+        p_scale = p_act.scale.reshape(()) if p_act.groups == 1 else p_act.scale
+        super().__init__(spec, input_quant=FastAct(iq, f"{where}.input_quant"), qkv=qkv, q_quant=None,
+                         k_quant=None, v_quant=None, proj=FastLinear(spec.proj, f"{where}.proj"),
+                         attn_quant=FastCodes(p_scale, torch.zeros(p_scale.shape, dtype=torch.uint8), p_act.qmax))
+        self.qkv_codes = nn.ModuleList([q_act.unit_codes(), k_act.unit_int8(), v_act.unit_int8()])  # see _project
+        self.out_quant = out_act.unit_codes()  # attn@v as the output projection's input codes
         head = lambda v: v.reshape(()) if v.numel() == 1 else v.view(1, -1, 1, 1)  # noqa: E731
-        per_head = lambda a: a.scale.double().expand(self.H)  # noqa: E731
-        alpha = self.scale * per_head(self.q_act) * per_head(self.k_act)
-        gamma = per_head(self.p_act) * per_head(self.v_act) / per_head(self.out_act)
-        uniform = all(a.groups == 1 for a in (self.q_act, self.k_act, self.v_act, self.p_act, self.out_act))
+        per_head = lambda a: a.scale.double().expand(H)  # noqa: E731
+        alpha = self.scale * per_head(q_act) * per_head(k_act)
+        gamma = per_head(p_act) * per_head(v_act) / per_head(out_act)
+        uniform = all(a.groups == 1 for a in (q_act, k_act, v_act, p_act, out_act))
         self.register_buffer("alpha", head(alpha[:1] if uniform else alpha).float())
         self.register_buffer("gamma", head(gamma[:1] if uniform else gamma).float())
-        self.register_buffer("p_scale", self.p_act.scale.reshape(()) if self.p_act.groups == 1 else self.p_act.scale)
         self.register_buffer("s8_zero", torch.zeros((), dtype=torch.int8))
-        self.register_buffer("p_zp", torch.zeros(self.p_scale.shape, dtype=torch.uint8))
         self.register_buffer("u8_zero", torch.zeros((), dtype=torch.uint8))
         self.register_buffer("one", torch.ones(()))
 
-    def _s8(self, u: Tensor, act: FastAct) -> Tensor:
-        return quantize_linear(u, self.one, self.s8_zero, act.qmax, act.qmin)
+    def _integer_now(self, x: Tensor) -> bool:
+        return True
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, attn_mask: Tensor | None = None,
-                is_causal: bool = False) -> Tensor:
-        from ..quant.modules import attention_bias
+    def _codes(self, quant: nn.Module | None, x: Tensor) -> Tensor:
+        return x if quant is None else quant(x)
 
-        B, N, C = x.shape
-        H, d = self.H, self.d
-        xc = self.q.input_quant.codes(x) if self.split else self.qkv.input_quant.codes(x)
+    def _project(self, x: Tensor, B: int, N: int) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v codes per head: the projections yield code units (step sizes folded in), quantized on [B, N, C]
+        before the heads are split, so the core's q / k / v quantizers stay empty (the same values: the norms and
+        RoPE in between have no fast form). Quantized after a float Reshape / Transpose, they would make
+        onnxruntime's optimiser move those across the QuantizeLinear with an inserted DequantizeLinear: float work."""
         if self.split:
-            uq, uk, uv = self.q.from_codes(xc), self.k.from_codes(xc), self.v.from_codes(xc)
+            units = [layer(x) for layer in (self.q, self.k, self.v)]
         else:
-            uq, uk, uv = self.qkv.from_codes(xc).split(C, dim=-1)
-        cq = self.q_act.unit_codes(uq).reshape(B, N, H, d).transpose(1, 2)
-        ck = self._s8(uk, self.k_act).reshape(B, N, H, d).permute(0, 2, 3, 1)
-        cv = self._s8(uv, self.v_act).reshape(B, N, H, d).transpose(1, 2)
-        one = self.one
-        per_head = self.alpha.ndim > 0
-        logits = matmul_int(cq, ck, one if per_head else self.alpha, one, self.q_act.zp, self.s8_zero)
-        if per_head:
-            logits = logits * self.alpha
-        bias = attention_bias(self.rel_pos, H, N, B, mask if mask is not None else attn_mask)
-        if bias is not None:
-            logits = logits + bias
-        cp = quantize_linear(logits.softmax(-1), self.p_scale, self.p_zp, self.p_act.qmax)
-        out = matmul_int(cp, cv, one if per_head else self.gamma, one, self.u8_zero, self.s8_zero)
-        if per_head:
-            out = out * self.gamma
-        co = self.out_act.unit_codes(out).transpose(1, 2).reshape(B, N, C)
-        return self.proj.from_codes(co)
+            units = self.qkv(x).split(self.attn_dim, dim=-1)
+        return tuple(self._heads(codes(u), B, N) for codes, u in zip(self.qkv_codes, units, strict=True))
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, integer: bool) -> Tensor:
+        """``attend`` on the codes of q, k, v: ``alpha[h] (C_q - z) @ C_k^T`` and ``gamma[h] C_p @ C_v`` (a factor
+        common to all heads inside the kernel, a per-head one after it); returns the output projection's codes."""
+        one, per_head = self.one, self.alpha.ndim > 0
+
+        def scores(cq: Tensor, ckt: Tensor) -> Tensor:
+            y = matmul_int(cq, ckt, one if per_head else self.alpha, one, self.qkv_codes[0].zp, self.s8_zero)
+            return y * self.alpha if per_head else y
+
+        def mix(cp: Tensor, cv: Tensor) -> Tensor:
+            y = matmul_int(cp, cv, one if per_head else self.gamma, one, self.u8_zero, self.s8_zero)
+            return y * self.gamma if per_head else y
+
+        return self.out_quant(attend(q, k, v, bias, scores, self.attn_quant, mix))
+
+
+def _refusing(kind: type[nn.Module], src: nn.Module | AttentionSpec, path: str) -> nn.Module:
+    try:
+        return kind(src, path)
+    except FastExportError as exc:
+        raise FastExportError(f"{exc}; the exact export (mode qdq, --onnx-mode qdq) covers it") from None
+
+
+class FastFactory:
+    """The fast export's factory for the rule table (``vvtq.quant.rules``): a quantized model's layers and attention
+    blocks on integer kernels (a layer left unquantized stays as it is); what has no fast form is refused."""
+
+    def layer(self, module: nn.Module, path: str, site: Site) -> nn.Module:
+        if not isinstance(module, (QuantLinear, QuantConv2d)):
+            return module
+        return _refusing(FastPatchEmbed if site.conv else FastLinear, module, path)
+
+    def attention(self, spec: AttentionSpec, path: str) -> nn.Module:
+        return _refusing(FastAttention, spec, path)
 
 
 def fast_ready(model: nn.Module) -> nn.Module:
     """A float32 eval-mode copy of a quantized ``model`` whose quantized layers run on integer kernels in ONNX
     (and compute the same maths in PyTorch otherwise)."""
-    from ..quant import QuantAttention, QuantConv2d, QuantLinear
-
-    m = copy.deepcopy(model).float().eval()
-    for path, mod in list(m.named_modules()):
-        if not isinstance(mod, (QuantAttention, QuantConv2d, QuantLinear)):
-            continue
-        parent_path, _, attr = path.rpartition(".")
-        parent = m.get_submodule(parent_path) if parent_path else m
-        if not isinstance(getattr(parent, attr), (QuantAttention, QuantConv2d, QuantLinear)):
-            continue  # inside an attention block already replaced
-        kind = FastAttention if isinstance(mod, QuantAttention) else \
-            FastPatchEmbed if isinstance(mod, QuantConv2d) else FastLinear
-        try:
-            setattr(parent, attr, kind(mod, path))
-        except FastExportError as exc:
-            raise FastExportError(f"{exc}; the exact export (mode qdq, --onnx-mode qdq) covers it") from None
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
-
+    return export_copy(model, FastFactory())

@@ -9,6 +9,7 @@ other than the one recorded, or a channel count other than the dataset's.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,44 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
+from ..spec import data_source
 from .format import ExportFormatError
+
+#: the packages of vvtq's ``onnx`` extra (pyproject.toml), and how to install them
+ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+ONNX_EXTRA_HINT = "pip install 'vvtq[onnx]'"
 
 
 class OnnxFileError(ExportFormatError):
     """An ONNX file that cannot be run, or cannot be run on the requested images."""
 
 
+def missing_onnx_packages() -> list[str]:
+    """The packages of the ``onnx`` extra that cannot be imported here (none: ONNX export and onnxruntime work)."""
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def require_onnx(what: str) -> None:
+    """Raise ``ConfigError`` (one line naming the extra) unless the ``onnx`` extra is installed; ``what`` needs it."""
+    missing = missing_onnx_packages()
+    if missing:
+        raise ConfigError(f"{what} needs {', '.join(missing)}, not installed here: {ONNX_EXTRA_HINT}")
+
+
 def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
     """The ``vvtq.*`` properties of an export, from a checkpoint's metadata."""
-    tc = meta.get("train_config") or {}
+    src = data_source(meta)
     info = {"img_size": meta.get("img_size"), "mean": meta.get("mean"), "std": meta.get("std"),
-            "data": tc.get("data"), "data_root": tc.get("data_root"), "split": tc.get("val_split", "test"),
-            "holdout": tc.get("holdout", 0)}
+            "data": src.data, "data_root": src.root, "split": src.val_split, "holdout": src.holdout}
     return {f"vvtq.{k}": json.dumps(v) for k, v in info.items() if v is not None}
 
 

@@ -1,8 +1,12 @@
-"""The arithmetic of quantized multi-head attention, written once for the QAT model and the integer runtime.
+"""The arithmetic of quantized multi-head attention, written once for the QAT model, the integer runtime and the
+ONNX exports.
 
-``AttentionCore.forward`` is the whole computation; the two subclasses only say how an activation becomes codes
+``AttentionCore.forward`` is the whole computation; the subclasses only say how an activation becomes codes
 (``vvtq.quant.modules.QuantAttention``: the training quantizers; ``vvtq.export.runtime.IntAttention``: scales
-read from a packed file) and where the projections come from. With per-head codes ``C`` and step sizes ``s``:
+read from a packed file; ``vvtq.export.onnx.OnnxAttention``: QDQ ops; ``vvtq.export.onnx_fast.FastAttention``:
+uint8 / int8 codes for onnxruntime's integer kernels) and where the projections come from. ``attend`` fixes the
+order of the scores, bias, softmax, its quantizer and attn@v for every path that writes the matmuls itself. With
+per-head codes ``C`` and step sizes ``s``:
 
     q, k, v  = split(Q_in(x) W_qkv^T + b)                          (the projections, on codes)
     q, k     = rope(q_norm(q)), rope(k_norm(k))                    (float: qk norm, cosine normalisation, RoPE)
@@ -43,8 +47,9 @@ class L2Norm(nn.Module):
 
 @dataclass
 class AttentionSpec:
-    """What a rule (``vvtq.quant.rules``) reads from a timm attention module: the float parts both passes adopt
-    as they are, and the source projections (``linears``: ``{"qkv": fused}`` or ``{"q", "k", "v"}``)."""
+    """What a rule (``vvtq.quant.rules``) reads from a timm attention module: the float parts every pass adopts
+    as they are, and the source projections (``linears``: ``{"qkv": fused}`` or ``{"q", "k", "v"}``). Read from a
+    converted block (``AttentionCore.spec``), the projections are its quantized ones and ``quantizers`` is set."""
 
     num_heads: int
     head_dim: int
@@ -62,12 +67,13 @@ class AttentionSpec:
     rope_prefix: int | None = None  # EVA: RoPE applies after this many prefix tokens; None: no RoPE
     rope_half: bool = False
     rel_pos: nn.Module | None = None  # the source module, kept for its position tables only
-    rel_pos_keep: tuple[str, ...] = ()
+    rel_pos_keep: tuple[str, ...] | None = ()  # None: ``rel_pos`` is already reduced (a converted block's)
+    quantizers: dict[str, nn.Module | None] | None = None  # a converted block's (``ACT_QUANTIZERS``); timm's: None
 
     def position_holder(self) -> nn.Module | None:
         """The source module reduced to its relative-position members (everything else was adopted)."""
         src = self.rel_pos
-        if src is not None:
+        if src is not None and self.rel_pos_keep is not None:
             for table in (src._modules, src._parameters, src._buffers):
                 for name in [n for n in table if n not in self.rel_pos_keep]:
                     delattr(src, name)
@@ -104,6 +110,19 @@ def attention_bias(rel_pos: nn.Module | None, num_heads: int, N: int, B: int, ma
 
 
 Act = Callable[[nn.Module | None, Tensor], Tensor | QT]
+Matmul = Callable[[Tensor, Tensor], Tensor]
+ACT_QUANTIZERS = ("input_quant", "q_quant", "k_quant", "v_quant", "attn_quant")
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scores: Matmul, probs: Callable[[Tensor], Tensor],
+           mix: Matmul) -> Tensor:
+    """``mix(probs(softmax(scores(q, k^T) + bias)), v)`` on [B, H, N, d]: the order of the attention arithmetic,
+    whatever runs its matmuls. ``scores`` applies ``alpha`` (and the step sizes of q and k, on codes), ``probs``
+    quantizes the softmax output (then drops out), ``mix`` is attn@v."""
+    logits = scores(q, k.transpose(-2, -1))
+    if bias is not None:
+        logits = logits + bias
+    return mix(probs(logits.softmax(dim=-1)), v)
 
 
 class AttentionCore(nn.Module):
@@ -136,6 +155,18 @@ class AttentionCore(nn.Module):
         else:
             self.q_bias = self.v_bias = None
         self.rope_prefix, self.rope_half = spec.rope_prefix, spec.rope_half
+
+    def spec(self) -> AttentionSpec:
+        """This block read back as a spec (the rule of a converted block, ``vvtq.quant.rules``): its float parts,
+        its projections and its activation quantizers, from which the ONNX exports build their own blocks."""
+        linears = {key: getattr(self, key) for key in (("q", "k", "v") if self.split else ("qkv",))}
+        return AttentionSpec(
+            self.num_heads, self.head_dim, next(iter(linears.values())).in_features, linears, self.proj,
+            scale=self.scale, qv_bias=None if self.q_bias is None else (self.q_bias, self.v_bias),
+            logit_scale=self.logit_scale, q_norm=self.q_norm, k_norm=self.k_norm, norm=self.norm,
+            attn_drop=self.attn_drop, proj_drop=self.proj_drop, rope_prefix=self.rope_prefix,
+            rope_half=self.rope_half, rel_pos=self.rel_pos, rel_pos_keep=None,
+            quantizers={name: getattr(self, name) for name in ACT_QUANTIZERS})
 
     # ----------------------------------------------------------------- set by the subclasses
     def _integer_now(self, x: Tensor) -> bool:
@@ -182,11 +213,18 @@ class AttentionCore(nn.Module):
             kw = {} if alpha == q.shape[-1] ** -0.5 else {"scale": alpha}  # the default scale: pass nothing
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                                   dropout_p=self.attn_drop.p if self.training else 0.0, **kw)
-        attn = (q * alpha) @ k.transpose(-2, -1)
-        if bias is not None:
-            attn = attn + bias
-        attn = self._fake(quant, attn.softmax(dim=-1))
-        return self.attn_drop(attn) @ v
+        return attend(q, k, v, bias, lambda a, kt: (a * alpha) @ kt,
+                      lambda p: self.attn_drop(self._fake(quant, p)), torch.matmul)
+
+    def _attention(self, q: Tensor | QT, k: Tensor | QT, v: Tensor | QT, bias: Tensor | None,
+                   integer: bool) -> Tensor:
+        """``softmax(alpha q k^T + bias) @ v`` [B, H, N, d], as the output projection takes it (the fast ONNX
+        export: its input codes)."""
+        alpha = self.logit_multiplier()
+        if integer:  # ``attend``'s order on QT operands, in ``intmath`` with the exact integer matmuls
+            probs = None if self.attn_quant is None else (lambda p: self._codes(self.attn_quant, p))
+            return int_attention(q, k, v, alpha, bias, probs)
+        return self._fake_attention(q, k, v, alpha, bias)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, attn_mask: Tensor | None = None,
                 is_causal: bool = False, rope: Tensor | None = None) -> Tensor:
@@ -200,11 +238,6 @@ class AttentionCore(nn.Module):
         q, k, v = act(self.q_quant, q), act(self.k_quant, k), act(self.v_quant, v)
         bias = attention_bias(self.rel_pos, self.num_heads, N, B, mask if mask is not None else attn_mask,
                               dtype=x.dtype)
-        alpha = self.logit_multiplier()
-        if integer:
-            probs = None if self.attn_quant is None else (lambda p: self._codes(self.attn_quant, p))
-            out = int_attention(q, k, v, alpha, bias, probs)
-        else:
-            out = self._fake_attention(q, k, v, alpha, bias)
+        out = self._attention(q, k, v, bias, integer)
         out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
         return self.proj_drop(self.proj(out))

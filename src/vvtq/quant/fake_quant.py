@@ -27,9 +27,11 @@ eager for the rest of the process.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -112,6 +114,19 @@ def set_fused_kernels(mode: bool | str | None = "auto") -> None:
     _fused_mode = mode
     if mode != "0":
         _fused_broken = False
+
+
+@contextlib.contextmanager
+def fused_kernels(mode: bool | str | None) -> Iterator[None]:
+    """``set_fused_kernels(mode)`` for the duration of a block; the mode before it (and whether compiling had
+    failed) comes back afterwards, whatever the block did."""
+    global _fused_mode, _fused_broken
+    before = (_fused_mode, _fused_broken)
+    set_fused_kernels(mode)
+    try:
+        yield
+    finally:
+        _fused_mode, _fused_broken = before
 
 
 def fused_kernels_mode() -> str:

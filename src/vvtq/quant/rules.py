@@ -1,10 +1,13 @@
 """One rule per supported timm block: what is replaced, and which quantization sites it has.
 
-Both surgery passes walk a model with ``apply_rules``: the QAT conversion (``vvtq.quant.convert``) and the
-integer runtime's construction (``vvtq.export.runtime``). Each passes a *factory* that builds its own layers:
+Every pass walks a model with ``apply_rules``: the QAT conversion (``vvtq.quant.convert``), the integer runtime's
+construction (``vvtq.export.runtime``) and, over a quantized model (``quantized=True``), both ONNX exports
+(``vvtq.export.onnx``, ``vvtq.export.onnx_fast``). Each passes a *factory* that builds its own layers:
 ``layer(module, path, site)`` for a quantized linear / convolution, ``attention(spec, path)`` for an attention
 block. A rule either lists the sites of a block's linears (``Site``: weight kind, input-activation kind), or reads
-an attention module into an ``AttentionSpec`` (``vvtq.quant.attention``), the float parts both passes adopt.
+an attention module into an ``AttentionSpec`` (``vvtq.quant.attention``), the float parts every pass adopts. In a
+quantized model the sites hold the quantized layers, and an attention block is a converted one (``AttentionCore``),
+read back by ``CONVERTED``: its spec then carries its quantized projections and its activation quantizers.
 
 Supported (docs/METHOD.md §3 says where the quantizers sit):
 
@@ -30,7 +33,7 @@ from timm.layers import Attention, AttentionRope, GluMlp, Mlp, PatchEmbed, SwiGL
 from timm.models import eva, swin_transformer, swin_transformer_v2
 from torch import nn
 
-from .attention import AttentionSpec, L2Norm
+from .attention import AttentionCore, AttentionSpec, L2Norm
 from .quantizers import QuantizerError
 
 CLASSIFIER_PATHS = ("head", "head_dist", "head.fc")
@@ -140,6 +143,12 @@ def refuse_rope_attention(src: nn.Module, path: str) -> AttentionSpec:
                          "quantizers of k and v do not model; EVA-02's EvaAttention (attn_type='eva') is")
 
 
+def converted_attention(src: nn.Module, path: str) -> AttentionSpec:
+    """An attention block this table converted (``AttentionCore``: the QAT model's ``QuantAttention``), read back
+    with its quantized projections and activation quantizers (``AttentionCore.spec``)."""
+    return src.spec()
+
+
 # --------------------------------------------------------------------------- the table
 def _linear(*attrs: str) -> Callable[[nn.Module], bool]:
     return lambda m: all(isinstance(getattr(m, a, None), nn.Linear) for a in attrs)
@@ -163,11 +172,13 @@ RULES: tuple[Rule, ...] = (
     Rule("Swin patch merging", (swin_transformer.PatchMerging,), _MERGE),
     Rule("SwinV2 patch merging", (swin_transformer_v2.PatchMerging,), _MERGE),
 )
+# the one rule of a quantized model's walk (``apply_rules(..., quantized=True)``) that a timm model has no use for
+CONVERTED = Rule("converted attention", (AttentionCore,), attention=converted_attention)
 
 
-def rule_for(module: nn.Module) -> Rule | None:
-    """The rule that matches ``module``, or None."""
-    for rule in RULES:
+def rule_for(module: nn.Module, quantized: bool = False) -> Rule | None:
+    """The rule that matches ``module`` (in a quantized model: ``CONVERTED`` first), or None."""
+    for rule in (CONVERTED, *RULES) if quantized else RULES:
         if isinstance(module, rule.types) and rule.when(module):
             return rule
     return None
@@ -180,20 +191,27 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def apply_rules(model: nn.Module, factory: Factory) -> int:
+def apply_rules(model: nn.Module, factory: Factory, quantized: bool = False) -> int:
     """Replace every supported block of ``model`` in place with ``factory``'s layers; return the number of
-    attention blocks. The classifier (``CLASSIFIER_PATHS``) comes last, as one more quantized linear."""
+    attention blocks. The classifier (``CLASSIFIER_PATHS``) comes last, as one more quantized linear.
+
+    ``quantized``: ``model`` was converted by this table (the ONNX exports walk it): the sites hold its quantized
+    layers and its attention blocks are read back by ``CONVERTED``; a timm attention block left in it is refused."""
     count = 0
 
     def visit(module: nn.Module, prefix: str) -> None:
         nonlocal count
         for cname, child in list(module.named_children()):
             path = prefix + cname
-            rule = rule_for(child)
+            rule = rule_for(child, quantized)
             if rule is None:
                 visit(child, path + ".")
             elif rule.attention is not None:
-                setattr(module, cname, factory.attention(rule.attention(child, path), path))
+                spec = rule.attention(child, path)
+                if quantized and spec.quantizers is None:
+                    raise QuantizerError(f"{path}: {type(child).__name__} was not converted by vvtq.quantize_model "
+                                         "(a quantized model is expected)")
+                setattr(module, cname, factory.attention(spec, path))
                 count += 1
             else:
                 for site in rule.sites:
@@ -207,3 +225,15 @@ def apply_rules(model: nn.Module, factory: Factory) -> int:
         if isinstance(layer, nn.Linear):
             setattr(parent, attr, factory.layer(layer, path, HEAD))
     return count
+
+
+def export_copy(model: nn.Module, factory: Factory) -> nn.Module:
+    """A float32 eval-mode copy of a quantized ``model``, walked by the rule table with an export's ``factory``
+    (``apply_rules(..., quantized=True)``), its parameters frozen. Both ONNX exports start here."""
+    import copy
+
+    m = copy.deepcopy(model).float().eval()
+    apply_rules(m, factory, quantized=True)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m

@@ -167,6 +167,18 @@ class TrainConfig:
         cfg.crop_scale, cfg.betas = tuple(cfg.crop_scale), tuple(cfg.betas)
         return cfg.validate()
 
+    def __post_init__(self) -> None:
+        """Sub-settings given as plain mappings (``TrainConfig(quant={"preset": "lsq"})``) are read as their
+        typed classes, with the same checks as in a recipe."""
+        if isinstance(self.quant, dict):
+            self.quant = QuantSettings.from_mapping("quant", self.quant)
+        if isinstance(self.teacher, dict):
+            self.teacher = TeacherSettings.from_mapping("teacher", self.teacher)
+        unknown = sorted(set(self.levers) - set(LEVERS))
+        if unknown:
+            raise ConfigError(f"unknown lever(s): {', '.join(unknown)}; known: {', '.join(LEVERS)}")
+        self.levers = {k: LEVERS[k].from_mapping(k, v) for k, v in self.levers.items() if v is not None}
+
     def __getattr__(self, name: str) -> Any:
         """A lever's settings by its recipe name (``cfg.regularizer``), or None when the recipe leaves it off."""
         if name in LEVERS:

@@ -24,11 +24,12 @@ from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..device import global_mean, init_distributed, resolve_device
 from ..evaluation import eval_loader, evaluate
 from ..modelio import build_model, checkpoint_kwargs, load_fp_weights
+from ..progress import progress_bar
 from ..qat import Lever, RunContext, StepOutputs
 from ..spec import ModelSpec
 from .batching import ImageBatchSampler, training_datasets
 from .config import TrainConfig
-from .metrics import MetricsLog, progress_bar
+from .metrics import MetricsLog
 from .optim import lr_at, param_groups
 from .state import TrainingError, check_replicas_agree
 
@@ -248,7 +249,8 @@ class _Run:
         loader = DataLoader(views, batch_sampler=sampler, collate_fn=self.targets.collate,
                             num_workers=cfg.num_workers)
         todo = min(epoch.end, plan.stop_at) - self.step
-        bar = progress_bar(cfg.progress and self.rank == 0, todo, f"epoch {epoch.index + 1}/{plan.num_epochs}")
+        bar = progress_bar(cfg.progress and self.rank == 0, todo, f"epoch {epoch.index + 1}/{plan.num_epochs}",
+                           every=cfg.log_every)
         self.loss_sum, self.n_loss, t_epoch = 0.0, 0, time.time()
         if self.resumed_running is not None and sampler.start:  # resumed mid-epoch: its running loss goes on
             self.loss_sum, self.n_loss = self.resumed_running

@@ -1,4 +1,4 @@
-"""What a run reports: metrics as JSONL (rank 0 writes them) and the progress bar."""
+"""What a run reports: metrics as JSONL (rank 0 writes them); its progress display is ``vvtq.progress``."""
 from __future__ import annotations
 
 import json
@@ -22,12 +22,3 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-
-
-def progress_bar(enabled: bool, total: int, desc: str):
-    """A tqdm bar of ``total`` steps, or None when not ``enabled``."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
