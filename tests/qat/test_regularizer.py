@@ -16,6 +16,7 @@ from vvtq.qat.regularizer import (
     bin_regularizer_loss,
     lambda_schedule,
 )
+from vvtq.quant import fake_quant as fq
 
 
 def int_range(bits: int) -> tuple[int, int]:
@@ -243,3 +244,57 @@ def test_lever_options_are_its_settings():
     torch.testing.assert_close(by_kwargs(50), by_settings(50))
     with pytest.raises(ValueError, match="bins"):
         BinRegularizer(pairs, 100, bins="layer")
+
+
+@pytest.mark.skipif(not fq.have_cxx_compiler(), reason="fused kernels need a C++ compiler")
+@pytest.mark.parametrize(("bits", "opts"), [(2, {}), (4, {"bins": "group", "weighting": "size", "units": "step"})])
+def test_fused_kernels_match_eager(bits, opts):
+    """The compiled one-pass kernels (float32 CPU) give the eager chain's R and gradients."""
+    torch.manual_seed(bits)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    w = (torch.randn(32, 80) * 0.05).requires_grad_(True)
+    w.data[0, :4] = torch.tensor([9.0, -9.0, 0.0, 0.0])  # clipped high and low, and exactly on a level
+    s = (torch.rand(32, 1) * 0.02 + 0.01).requires_grad_(True)
+    out = []
+    for mode in ("0", "1"):
+        with fq.fused_kernels(mode):
+            r = bin_regularizer(w, s, qmin, qmax, **opts)
+            out.append((r, *torch.autograd.grad(r, (w, s), allow_unused=True)))
+            assert fq.fused_kernels_mode() == mode, "torch.compile failed although a compiler is present"
+    (r0, gw0, gs0), (r1, gw1, gs1) = out
+    torch.testing.assert_close(r1, r0, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-6 * float(gw0.abs().max()))
+    if gs0 is not None:
+        torch.testing.assert_close(gs1, gs0, rtol=1e-4, atol=1e-6 * float(gs0.abs().max()))
+    assert gw0.abs().sum() > 0
+
+
+@pytest.mark.skipif(not fq.have_cxx_compiler(), reason="fused kernels need a C++ compiler")
+@pytest.mark.parametrize("opts", [{}, {"bins": "group", "weighting": "size"}, {"units": "step"}])
+def test_fused_model_loss_stacks_same_shape_layers(opts):
+    """With fused kernels, layers of one shape go through one stacked call; R and every weight's and step's
+    gradient equal the per-layer eager sum (per-channel and per-tensor steps, a different bit-width between)."""
+    torch.manual_seed(3)
+    lins = [nn.Linear(96, 48) for _ in range(4)] + [nn.Linear(48, 96)]
+    for lin in lins:
+        lin.weight.data.mul_(3.0)
+    qs = [FakeQuantizer(4, (torch.rand(48) * 0.02 + 0.01).tolist(), "a"), FakeQuantizer(2, 0.05, "b"),
+          FakeQuantizer(4, (torch.rand(48) * 0.02 + 0.01).tolist(), "c"), FakeQuantizer(2, 0.04, "d"),
+          FakeQuantizer(3, (torch.rand(96) * 0.02 + 0.01).tolist(), "e")]
+    pairs = list(zip(lins, qs, strict=True))
+    params = [p for lin, q in pairs for p in (lin.weight, q.scale)]
+    out = []
+    for mode in ("0", "1"):
+        with fq.fused_kernels(mode):
+            r = bin_regularizer_loss(pairs, **opts)
+            out.append((r, torch.autograd.grad(r, params, allow_unused=True)))
+            assert fq.fused_kernels_mode() == mode, "torch.compile failed although a compiler is present"
+    (r0, g0), (r1, g1) = out
+    torch.testing.assert_close(r1, r0, rtol=1e-5, atol=0)
+    for a, b in zip(g0, g1, strict=True):
+        if a is None or b is None:
+            assert a is None or torch.count_nonzero(a) == 0
+            assert b is None or torch.count_nonzero(b) == 0
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * float(a.abs().max()) + 1e-12)
+    assert any(g is not None and g.abs().sum() > 0 for g in g0)

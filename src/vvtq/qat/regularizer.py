@@ -21,8 +21,10 @@ Differences from the reference implementation (deliberate, see docs/METHOD.md §
 * 8-bit layers are skipped by default in the model-level loss (they are near-lossless, and the reference
   spends most of its regularizer time there).
 
-One implementation: the forward pass and its hand-written backward below (an earlier compiled-kernel path and a
-layer-stacking path were dropped: benchmarks/results/regularizer_cost.json measures this one within its target).
+Two implementations of the one loss: the eager pass with its hand-written backward (the reference; GPU, no
+compiler, ``VVTQ_FUSED=0``), and compiled kernels of the same maths over all the layers of one shape at once
+(CPU, float32, large layers), which benchmarks/results/regularizer_cost.json shows are needed to keep the
+regularizer under 5% of a step. Both follow vvtq.quant.fake_quant's switch (``fused_kernels``).
 The QAT lever is ``BinRegularizer``, built from the recipe setting ``regularizer`` (``RegularizerSettings``).
 """
 from __future__ import annotations
@@ -101,7 +103,10 @@ def bin_regularizer(
     x, s = _prepare(w, scale, offset, units)
     if x.numel() == 0:
         return x.sum() + 0.0 * s.sum()
-    return _BinRegularizerFn.apply(x, s, qmin, qmax, variance, weighting, bins)
+    if s.dim() <= x.dim() and _use_fused(x, s):  # the compiled kernels take a stack: here, of one
+        s = s.reshape((1,) * (x.dim() - s.dim()) + tuple(s.shape))
+        return _BinRegularizerFn.apply(x.unsqueeze(0), s.unsqueeze(0), qmin, qmax, variance, weighting, bins, True)
+    return _BinRegularizerFn.apply(x, s, qmin, qmax, variance, weighting, bins, False)
 
 
 def _prepare(w: Tensor, scale: Tensor | float, offset: Tensor | None, units: str) -> tuple[Tensor, Tensor]:
@@ -161,8 +166,18 @@ class _BinRegularizerFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, s: Tensor, qmin: int, qmax: int, variance: str, weighting: str, bins: str):
+    def forward(ctx, x: Tensor, s: Tensor, qmin: int, qmax: int, variance: str, weighting: str, bins: str,
+                stacked: bool):
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.fused = None
+        if stacked:  # compiled, over a stack of same-shape layers (see bin_regularizer_loss)
+            group = bins == "group" and s[0].numel() > 1
+            r, *tables = _fused("stats", x.detach(), s.detach(), qmin, qmax, group, variance == "unbiased",
+                                weighting == "size", stacked)
+            if want_grad:
+                ctx.save_for_backward(x, s, *tables)
+                ctx.fused = (qmin, qmax, group, stacked)
+            return r
         v = x / s
         code = v.clamp(qmin, qmax)
         inside = code == v
@@ -189,11 +204,125 @@ class _BinRegularizerFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if ctx.fused is not None:
+            x, s, ta, tb = ctx.saved_tensors
+            qmin, qmax, group, stacked = ctx.fused
+            gx, gs = _fused("grad", x.detach(), s.detach(), grad.detach(), ta, tb, qmin, qmax, group, stacked)
+            return (gx if ctx.needs_input_grad[0] else None), (gs if ctx.needs_input_grad[1] else None), \
+                None, None, None, None, None, None
         g, code, inside = ctx.saved_tensors
         g = g * grad
         gx = g * inside if ctx.needs_input_grad[0] else None
         gs = (g * code).masked_fill_(inside, 0.0).sum_to_size(ctx.s_shape) if ctx.needs_input_grad[1] else None
-        return gx, gs, None, None, None, None, None
+        return gx, gs, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------ compiled kernels (torch.compile, CPU)
+# The same maths in one compiled pass over the weights each way, for float32 CPU tensors of at least
+# FUSED_MIN_NUMEL elements (the eager chain above is ~20 passes plus three histograms). With few codes (4, 8 or
+# 16), every bin statistic is a masked sum, so the forward pass is one loop with 3 x (Qp - Qn + 1) accumulators
+# (float32 sums, exact for the counts; the per-bin totals are combined in float64) and no bin index is stored;
+# the backward pass recomputes the codes from ``x`` and selects each weight's two per-bin coefficients. Follows
+# vvtq.quant.fake_quant's switch (``set_fused_kernels`` / VVTQ_FUSED).
+# ``x`` and ``s`` hold one or several layers of one shape along dim 0 (see bin_regularizer_loss), each with its
+# own bins and N, so a model's layers cost one call per shape. ``stacked=False`` below is the plain per-tensor
+# maths, kept for reading; the compiled path always passes a stack.
+# Why two implementations of one loss (the eager bincount pass above, the reference and the only one on GPU or
+# without a compiler; these kernels): benchmarks/results/regularizer_cost.json measures the eager pass alone at
+# 6.9-7.4% of a DeiT-Tiny step (2026-12-07), over the 5% target, and these kernels at 1.6-3.0%.
+FUSED_MIN_NUMEL = 1 << 14
+_compiled: dict[str, Any] = {}
+
+
+def _one_step(s: Tensor, group: bool, stacked: bool) -> bool:
+    """Whether the step is constant within each bin (then ``y = d``)."""
+    return group or (s[0] if stacked else s).numel() == 1
+
+
+def _elementwise(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, stacked: bool):
+    """Codes, the in-range mask, distances ``d`` and ``y`` (``d``, or ``w_c`` when the step varies in a bin)."""
+    v = x / s
+    c = v.clamp(qmin, qmax)
+    inside = c == v
+    code = c.round()
+    d = torch.where(inside, (v - code) * s, 0.0)
+    y = d if _one_step(s, group, stacked) else d + s * code
+    return code, inside, d, y
+
+
+def _stats_math(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, unbiased: bool, size_weighted: bool,
+                stacked: bool = False):
+    """``R`` and the per-bin tables ``ta = 2 c_j (+ 2/N)``, ``tb = 2 c_j ybar_j``, shaped ``[bins, *group]``
+    (``[bins, layers, 1, ...]`` for stacked layers with bins per tensor)."""
+    code, inside, d, y = _elementwise(x, s, qmin, qmax, group, stacked)
+
+    def total(t: Tensor) -> Tensor:  # float32 sums inside the pass (exact counts), float64 across bins
+        if group:
+            return t.sum_to_size(s.shape).double()
+        if stacked:
+            return t.sum(dim=tuple(range(1, t.dim())), keepdim=True).double()
+        return t.sum().double()
+
+    masks = [code == j for j in range(qmin, qmax + 1)]
+    counts = torch.stack([total(m.float()) for m in masks])
+    sum_y = torch.stack([total(torch.where(m, y, 0.0)) for m in masks])
+    sum_y2 = torch.stack([total(torch.where(m, y * y, 0.0)) for m in masks])
+    n = x[0].numel() if stacked else x.numel()
+    mean_y = sum_y / counts.clamp_min(1.0)
+    ss = (sum_y2 - sum_y * mean_y).clamp_min(0.0)
+    denom = counts - 1.0 if unbiased else counts
+    coef = torch.where(counts > 1, 1.0 / denom.clamp_min(1.0), 0.0)
+    if size_weighted:
+        coef = coef * counts / n
+    one = _one_step(s, group, stacked)
+    pull = sum_y2.sum() if one else (d * d).sum().double()
+    r = pull / n + (coef * ss).sum()
+    ta = 2.0 * coef + (2.0 / n if one else 0.0)
+    return r.to(x.dtype), ta.to(x.dtype), (2.0 * coef * mean_y).to(x.dtype)
+
+
+def _grad_math(x: Tensor, s: Tensor, grad: Tensor, ta: Tensor, tb: Tensor, qmin: int, qmax: int, group: bool,
+               stacked: bool = False):
+    """``dR/dx`` and ``dR/ds``: ``g = y ta_j - tb_j (+ 2 d / N when y = w_c)`` for the bin j of each weight."""
+    code, inside, d, y = _elementwise(x, s, qmin, qmax, group, stacked)
+    a = torch.zeros_like(x)
+    b = torch.zeros_like(x)
+    for k, j in enumerate(range(qmin, qmax + 1)):
+        m = code == j
+        a = torch.where(m, ta[k], a)
+        b = torch.where(m, tb[k], b)
+    g = y * a - b
+    if not _one_step(s, group, stacked):
+        g = g + d * (2.0 / (x[0].numel() if stacked else x.numel()))
+    g = g * grad
+    return torch.where(inside, g, 0.0), torch.where(inside, 0.0, g * code).sum_to_size(s.shape)
+
+
+def _fused(name: str, *args):
+    """The compiled ``_stats_math`` / ``_grad_math``; if compiling fails, fused kernels are switched off for the
+    process (as in vvtq.quant.fake_quant, with one warning) and the same function runs eagerly."""
+    from vvtq.quant import fake_quant
+
+    eager = _stats_math if name == "stats" else _grad_math
+    if fake_quant.fused_kernels_mode() != "0":
+        try:
+            fn = _compiled.get(name)
+            if fn is None:
+                fn = _compiled[name] = torch.compile(eager, dynamic=True, fullgraph=True)
+            with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
+                return fn(*args)
+        except Exception as err:  # no compiler, unsupported platform, ...: stay correct, just slower
+            fake_quant.fused_kernels_failed(err, "regularizer")
+    return eager(*args)
+
+
+def _use_fused(x: Tensor, s: Tensor) -> bool:
+    from vvtq.quant import fake_quant  # lazy: keeps this module importable on its own
+
+    mode = fake_quant.fused_kernels_mode()
+    if mode == "0" or x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    return mode == "1" or x.numel() >= FUSED_MIN_NUMEL
 
 
 Pairs = Iterable[tuple[nn.Module, Any]]
@@ -225,6 +354,7 @@ def bin_regularizer_loss(
     """
     check_options(variance, weighting, bins, units)
     terms: list[Tensor] = []
+    same_shape: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
     for module, q in _weight_pairs(model_or_pairs):
         if not getattr(q, "enabled", True):
             continue
@@ -233,8 +363,21 @@ def bin_regularizer_loss(
         w = module.weight
         off_fn = getattr(q, "expanded_offset", None)
         offset = off_fn(w) if off_fn is not None else None
-        terms.append(bin_regularizer(w, q.expanded_scale(w), q.qmin, q.qmax, variance, weighting, bins, offset,
-                                     units))
+        scale = q.expanded_scale(w)
+        x, s = _prepare(w, scale, offset, units)
+        if q.qmax >= q.qmin and x.numel() > 0 and s.dim() <= x.dim() and _use_fused(x, s):
+            s = s.reshape((1,) * (x.dim() - s.dim()) + tuple(s.shape))
+            key = (tuple(x.shape), tuple(s.shape), x.dtype, x.device, int(q.qmin), int(q.qmax))
+            same_shape.setdefault(key, []).append((x, s))
+            continue
+        if q.qmax < q.qmin:
+            raise ValueError(f"empty code range [{q.qmin}, {q.qmax}]")
+        terms.append(x.sum() + 0.0 * s.sum() if x.numel() == 0 else  # x, s prepared once (as bin_regularizer)
+                     _BinRegularizerFn.apply(x, s, q.qmin, q.qmax, variance, weighting, bins, False))
+    for (*_, qmin, qmax), layers in same_shape.items():  # one fused call for all the layers of one shape
+        xs, ss = zip(*layers, strict=True)
+        terms.append(_BinRegularizerFn.apply(torch.stack(xs), torch.stack(ss), qmin, qmax, variance, weighting,
+                                             bins, True))
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum() if len(terms) > 1 else terms[0]

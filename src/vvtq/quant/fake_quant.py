@@ -89,7 +89,6 @@ def _use_fused(x: Tensor) -> bool:
 
 
 def _run(name: str, x: Tensor, *args):
-    global _fused_broken
     eager = _forward_math if name == "forward" else _backward_math
     if _use_fused(x):
         # plain tensors (no Parameter, no requires_grad): fewer guards, so a model needs only a few graphs
@@ -98,10 +97,17 @@ def _run(name: str, x: Tensor, *args):
             with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
                 return _fused_fn(name)(*args)
         except Exception as err:  # no compiler, unsupported platform, ...: stay correct, just slower
-            _fused_broken = True
-            warnings.warn(f"vvtq: fused (torch.compile) fake-quant kernels unavailable, using eager PyTorch: "
-                          f"{type(err).__name__}: {str(err)[:200]}", RuntimeWarning, stacklevel=3)
+            fused_kernels_failed(err, "fake-quant")
     return eager(*args)
+
+
+def fused_kernels_failed(err: Exception, what: str) -> None:
+    """Compiling a fused kernel failed: switch fused kernels off for the process (fake-quant and regularizer
+    alike), with one warning naming ``what`` failed; the eager maths runs from here on."""
+    global _fused_broken
+    _fused_broken = True
+    warnings.warn(f"vvtq: fused (torch.compile) {what} kernels unavailable, using eager PyTorch: "
+                  f"{type(err).__name__}: {str(err)[:200]}", RuntimeWarning, stacklevel=4)
 
 
 def set_fused_kernels(mode: bool | str | None = "auto") -> None:
