@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..fileio import atomic_write
 from ..quant.attention import ACT_QUANTIZERS, AttentionCore, AttentionSpec
 from ..quant.modules import QuantConv2d, QuantLinear
 from ..quant.rules import Site, export_copy
@@ -248,10 +249,7 @@ def save_onnx(m: nn.Module, x: Tensor, path: str | Path, opset: int, metadata: d
     self-contained file written atomically, with ``metadata`` as the model's metadata properties."""
     import onnx
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         prog = torch.onnx.export(m, (x,), dynamo=True, opset_version=opset, input_names=["images"],
                                  output_names=["logits"], dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
                                  external_data=False, verbose=False, report=False)
@@ -261,10 +259,6 @@ def save_onnx(m: nn.Module, x: Tensor, path: str | Path, opset: int, metadata: d
             for key, value in metadata.items():
                 proto.metadata_props.add(key=key, value=str(value))
             onnx.save(proto, str(tmp))
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def run_onnx(path: str | Path, x: Tensor) -> Tensor:
