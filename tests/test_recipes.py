@@ -135,6 +135,6 @@ def test_the_shipped_families_train_equal_budgets(stem):
     budgets = set()
     for family in ("lsq", "vvtq", "paper"):
         cfg = TrainConfig.from_recipe(f"{stem}_{family}")
-        steps = math.ceil(cfg.epochs * (60_000 // (cfg.batch_size // cfg.num_crops)))
-        budgets.add((steps, cfg.batch_size))
+        per_epoch = 60_000 // (cfg.batch_size // cfg.num_crops)  # the loop's plan (train/loop.py, plan_steps)
+        budgets.add((math.ceil(cfg.epochs * per_epoch), cfg.batch_size, int(cfg.warmup_epochs * per_epoch)))
     assert len(budgets) == 1, budgets

@@ -34,6 +34,8 @@ from .quant import (  # noqa: E402
 )
 from .spec import ModelSpec  # noqa: E402
 
+ModelBinRegularizer = BinRegularizer  # its name until 2026-12-07 (vvtq.regularize is now vvtq.qat.regularizer)
+
 __version__ = "0.1.0"
 __all__ = [
     "BinRegularizer", "ConfidenceAnnealer", "ModelSpec", "OscillationTracker", "QuantConfig", "QuantizerError",

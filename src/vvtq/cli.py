@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _leave_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         if math.isnan(result["final_acc"]):  # stopped (max_steps) before any validation
-            acc = f"not validated yet (`vvtq eval {cfg.out}/last.safetensors` scores it)"
+            acc = f"not validated yet (`vvtq eval --checkpoint {cfg.out}/last.safetensors` scores it)"
         else:
             acc = f"final val acc {result['final_acc']:.2f}%, best {result['best_acc']:.2f}%"
         print(f"done: {result['step']} steps, {acc}, {result['wall_s'] / 60:.1f} min; checkpoint "

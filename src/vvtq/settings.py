@@ -49,7 +49,8 @@ class Settings:
         try:
             obj.validate()
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
+            message = str(exc)  # named already ("teacher.source must be ...", "quant: ...") or named here
+            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
         return obj
 
     def validate(self) -> None:

@@ -98,7 +98,7 @@ def test_a_lever_s_settings_are_typed_and_checked_before_any_data(toy):
 def test_levers_run_in_their_settings_order():
     cfg = TrainConfig.from_yaml("mini_deit_fp_cls", TINY + ["oscillation={every: 1}", "anneal={start_frac: 0.5}",
                                                          "regularizer={lambda_max: 0.01}"])
-    assert [type(s).__name__ for s in cfg.lever_settings()] == [
+    assert [type(s).__name__ for _, s in cfg.lever_settings()] == [
         "RegularizerSettings", "AnnealSettings", "OscillationSettings"]
 
 
@@ -124,3 +124,30 @@ def test_quant_settings_cover_every_quant_config_field():
     assert set(QuantSettings.keys()) == {"preset", "overrides_file", *(f.name for f in fields(QuantConfig))}
     q = QuantSettings.from_mapping("quant", {"preset": "lsq", "wbits": "3", "act_init": "lsq"})
     assert q.quant_config() == QuantConfig.preset("lsq", 3, act_init="lsq")
+
+
+def test_setting_a_lever_by_attribute_goes_through_its_settings():
+    cfg = TrainConfig.from_yaml("mini_deit_fp_cls", TINY)
+    cfg.regularizer = {"lambda_max": 0.5}
+    assert cfg.regularizer.lambda_max == 0.5 and cfg.to_dict()["regularizer"] == {"lambda_max": 0.5}
+    cfg.regularizer = None
+    assert cfg.regularizer is None and "regularizer" not in cfg.levers
+    with pytest.raises(ConfigError, match="regularizer"):
+        cfg.regularizer = {"lamda_max": 1}
+
+
+def test_a_lever_cannot_take_a_reserved_or_setting_name():
+    for name in ("step", "history", "teacher", "not an identifier"):
+        with pytest.raises(ValueError, match="identifier"):
+            register_lever(name, ToySettings)
+
+
+def test_amp_values_and_error_messages_name_the_setting_once():
+    assert TrainConfig.from_yaml("mini_deit_fp_cls", ["amp=fp32"]).amp == "fp32"
+    with pytest.raises(ConfigError, match="amp must be auto, bf16 or fp32"):
+        TrainConfig.from_yaml("mini_deit_fp_cls", ["amp=half"])
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_yaml("mini_deit_fp_cls", ["quant={preset: fancy}"])
+    assert str(err.value).count("quant:") == 1
+    with pytest.raises(ConfigError, match="^teacher.source must be none, live or file"):
+        TrainConfig.from_yaml("mini_deit_fp_cls", ["teacher={source: oracle}"])

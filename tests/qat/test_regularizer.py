@@ -240,8 +240,10 @@ def test_step_units_are_weight_units_divided_by_the_step():
 def test_lever_options_are_its_settings():
     pairs = make_pairs()
     by_kwargs = BinRegularizer(pairs, 100, lambda_max=0.5, start_frac=0.0, bins="group")
-    by_settings = BinRegularizer(pairs, 100, RegularizerSettings(lambda_max=0.5, start_frac=0.0, bins="group"))
+    by_settings = BinRegularizer(pairs, 100, settings=RegularizerSettings(lambda_max=0.5, start_frac=0.0, bins="group"))
+    by_position = BinRegularizer(pairs, 100, 0.5, 0.0, bins="group")  # the order of the old ModelBinRegularizer
     torch.testing.assert_close(by_kwargs(50), by_settings(50))
+    torch.testing.assert_close(by_kwargs(50), by_position(50))
     with pytest.raises(ValueError, match="bins"):
         BinRegularizer(pairs, 100, bins="layer")
 

@@ -14,6 +14,19 @@ from .oscillation import OscillationLever, OscillationSettings
 from .regularizer import BinRegularizer, RegularizerSettings
 from .targets import Targets, TeacherSettings
 
+
+def _import_every_lever() -> None:
+    """Import every module of this package, so that a lever in a new file registers its setting without an
+    import line here."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_every_lever()
+
 __all__ = [
     "LEVERS", "AnnealSettings", "BinRegularizer", "ConfidenceAnnealer", "Lever", "LeverSettings",
     "OscillationLever", "OscillationSettings", "RegularizerSettings", "RunContext", "StepOutputs", "Targets",

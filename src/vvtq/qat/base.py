@@ -86,11 +86,17 @@ class LeverSettings(Settings):
 
 #: recipe setting name -> settings class
 LEVERS: dict[str, type[LeverSettings]] = {}
+#: names a lever cannot take: the recipe's other settings and the keys of checkpoint metadata, where a lever's
+#: state is stored under its name
+RESERVED = frozenset({
+    "teacher", "quant", "levers", "model", "model_kwargs", "data", "dataset", "classes", "img_size", "mean", "std",
+    "history", "step", "epoch", "best_acc", "epoch_loss", "train_config", "format", "version", "optimizer", "extra"})
 
 
 def register_lever(name: str, settings: type[LeverSettings]) -> type[LeverSettings]:
-    """Make ``name`` a recipe setting whose mapping is read as ``settings`` and built into a lever."""
-    if not name.isidentifier():
-        raise ValueError(f"a lever's setting name must be an identifier; got {name!r}")
+    """Make ``name`` a recipe setting whose mapping is read as ``settings`` and built into a lever (named
+    ``name`` in the run's metrics and checkpoints)."""
+    if not name.isidentifier() or name in RESERVED:
+        raise ValueError(f"a lever's setting name must be an identifier other than {sorted(RESERVED)}; got {name!r}")
     LEVERS[name] = settings
     return settings

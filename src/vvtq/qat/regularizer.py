@@ -173,10 +173,10 @@ class _BinRegularizerFn(torch.autograd.Function):
         if stacked:  # compiled, over a stack of same-shape layers (see bin_regularizer_loss)
             group = bins == "group" and s[0].numel() > 1
             r, *tables = _fused("stats", x.detach(), s.detach(), qmin, qmax, group, variance == "unbiased",
-                                weighting == "size", stacked)
+                                weighting == "size")
             if want_grad:
                 ctx.save_for_backward(x, s, *tables)
-                ctx.fused = (qmin, qmax, group, stacked)
+                ctx.fused = (qmin, qmax, group)
             return r
         v = x / s
         code = v.clamp(qmin, qmax)
@@ -206,8 +206,8 @@ class _BinRegularizerFn(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         if ctx.fused is not None:
             x, s, ta, tb = ctx.saved_tensors
-            qmin, qmax, group, stacked = ctx.fused
-            gx, gs = _fused("grad", x.detach(), s.detach(), grad.detach(), ta, tb, qmin, qmax, group, stacked)
+            qmin, qmax, group = ctx.fused
+            gx, gs = _fused("grad", x.detach(), s.detach(), grad.detach(), ta, tb, qmin, qmax, group)
             return (gx if ctx.needs_input_grad[0] else None), (gs if ctx.needs_input_grad[1] else None), \
                 None, None, None, None, None, None
         g, code, inside = ctx.saved_tensors
@@ -225,66 +225,61 @@ class _BinRegularizerFn(torch.autograd.Function):
 # the backward pass recomputes the codes from ``x`` and selects each weight's two per-bin coefficients. Follows
 # vvtq.quant.fake_quant's switch (``set_fused_kernels`` / VVTQ_FUSED).
 # ``x`` and ``s`` hold one or several layers of one shape along dim 0 (see bin_regularizer_loss), each with its
-# own bins and N, so a model's layers cost one call per shape. ``stacked=False`` below is the plain per-tensor
-# maths, kept for reading; the compiled path always passes a stack.
+# own bins and N, so a model's layers cost one call per shape.
 # Why two implementations of one loss (the eager bincount pass above, the reference and the only one on GPU or
 # without a compiler; these kernels): benchmarks/results/regularizer_cost.json measures the eager pass alone at
-# 6.9-7.4% of a DeiT-Tiny step (2026-12-07), over the 5% target, and these kernels at 1.6-3.0%.
+# 6.9-7.4% of a DeiT-Tiny step (2026-12-07), over the 5% target, and these kernels at 1.5-2.8%.
 FUSED_MIN_NUMEL = 1 << 14
 _compiled: dict[str, Any] = {}
 
 
-def _one_step(s: Tensor, group: bool, stacked: bool) -> bool:
+def _one_step(s: Tensor, group: bool) -> bool:
     """Whether the step is constant within each bin (then ``y = d``)."""
-    return group or (s[0] if stacked else s).numel() == 1
+    return group or s[0].numel() == 1
 
 
-def _elementwise(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, stacked: bool):
+def _elementwise(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool):
     """Codes, the in-range mask, distances ``d`` and ``y`` (``d``, or ``w_c`` when the step varies in a bin)."""
     v = x / s
     c = v.clamp(qmin, qmax)
     inside = c == v
     code = c.round()
     d = torch.where(inside, (v - code) * s, 0.0)
-    y = d if _one_step(s, group, stacked) else d + s * code
+    y = d if _one_step(s, group) else d + s * code
     return code, inside, d, y
 
 
-def _stats_math(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, unbiased: bool, size_weighted: bool,
-                stacked: bool = False):
-    """``R`` and the per-bin tables ``ta = 2 c_j (+ 2/N)``, ``tb = 2 c_j ybar_j``, shaped ``[bins, *group]``
-    (``[bins, layers, 1, ...]`` for stacked layers with bins per tensor)."""
-    code, inside, d, y = _elementwise(x, s, qmin, qmax, group, stacked)
+def _stats_math(x: Tensor, s: Tensor, qmin: int, qmax: int, group: bool, unbiased: bool, size_weighted: bool):
+    """``R`` and the per-bin tables ``ta = 2 c_j (+ 2/N)``, ``tb = 2 c_j ybar_j`` of a stack of layers ``x``
+    ``[layers, ...]``, shaped ``[bins, *group]`` (``[bins, layers, 1, ...]`` with bins per tensor)."""
+    code, inside, d, y = _elementwise(x, s, qmin, qmax, group)
 
     def total(t: Tensor) -> Tensor:  # float32 sums inside the pass (exact counts), float64 across bins
         if group:
             return t.sum_to_size(s.shape).double()
-        if stacked:
-            return t.sum(dim=tuple(range(1, t.dim())), keepdim=True).double()
-        return t.sum().double()
+        return t.sum(dim=tuple(range(1, t.dim())), keepdim=True).double()
 
     masks = [code == j for j in range(qmin, qmax + 1)]
     counts = torch.stack([total(m.float()) for m in masks])
     sum_y = torch.stack([total(torch.where(m, y, 0.0)) for m in masks])
     sum_y2 = torch.stack([total(torch.where(m, y * y, 0.0)) for m in masks])
-    n = x[0].numel() if stacked else x.numel()
+    n = x[0].numel()
     mean_y = sum_y / counts.clamp_min(1.0)
     ss = (sum_y2 - sum_y * mean_y).clamp_min(0.0)
     denom = counts - 1.0 if unbiased else counts
     coef = torch.where(counts > 1, 1.0 / denom.clamp_min(1.0), 0.0)
     if size_weighted:
         coef = coef * counts / n
-    one = _one_step(s, group, stacked)
+    one = _one_step(s, group)
     pull = sum_y2.sum() if one else (d * d).sum().double()
     r = pull / n + (coef * ss).sum()
     ta = 2.0 * coef + (2.0 / n if one else 0.0)
     return r.to(x.dtype), ta.to(x.dtype), (2.0 * coef * mean_y).to(x.dtype)
 
 
-def _grad_math(x: Tensor, s: Tensor, grad: Tensor, ta: Tensor, tb: Tensor, qmin: int, qmax: int, group: bool,
-               stacked: bool = False):
+def _grad_math(x: Tensor, s: Tensor, grad: Tensor, ta: Tensor, tb: Tensor, qmin: int, qmax: int, group: bool):
     """``dR/dx`` and ``dR/ds``: ``g = y ta_j - tb_j (+ 2 d / N when y = w_c)`` for the bin j of each weight."""
-    code, inside, d, y = _elementwise(x, s, qmin, qmax, group, stacked)
+    code, inside, d, y = _elementwise(x, s, qmin, qmax, group)
     a = torch.zeros_like(x)
     b = torch.zeros_like(x)
     for k, j in enumerate(range(qmin, qmax + 1)):
@@ -292,8 +287,8 @@ def _grad_math(x: Tensor, s: Tensor, grad: Tensor, ta: Tensor, tb: Tensor, qmin:
         a = torch.where(m, ta[k], a)
         b = torch.where(m, tb[k], b)
     g = y * a - b
-    if not _one_step(s, group, stacked):
-        g = g + d * (2.0 / (x[0].numel() if stacked else x.numel()))
+    if not _one_step(s, group):
+        g = g + d * (2.0 / x[0].numel())
     g = g * grad
     return torch.where(inside, g, 0.0), torch.where(inside, 0.0, g * code).sum_to_size(s.shape)
 
@@ -423,7 +418,7 @@ class RegularizerSettings(LeverSettings):
                              f"{self.start_frac}")
 
     def build(self, ctx: RunContext) -> BinRegularizer:
-        return BinRegularizer(ctx.model, ctx.total_steps, self)
+        return BinRegularizer(ctx.model, ctx.total_steps, settings=self)
 
 
 class BinRegularizer(Lever):
@@ -436,9 +431,10 @@ class BinRegularizer(Lever):
 
     name = "regularizer"
 
-    def __init__(self, model_or_pairs: nn.Module | Pairs, total_steps: int,
+    def __init__(self, model_or_pairs: nn.Module | Pairs, total_steps: int, *args: Any,
                  settings: RegularizerSettings | None = None, **options: Any) -> None:
-        self.settings = settings or RegularizerSettings(**options)  # options: RegularizerSettings' fields
+        # args / options: RegularizerSettings' fields, in its order (lambda_max, start_frac, ...)
+        self.settings = settings or RegularizerSettings(*args, **options)
         self.settings.validate()
         self.pairs = list(_weight_pairs(model_or_pairs))
         self.total_steps = total_steps

@@ -98,7 +98,7 @@ class TrainConfig:
     weight_quant_lr_scale: float | None = None  # the weight quantizers' step sizes (None: quant_lr_scale; 0: fixed)
     seed: int = 0
     channels_last: bool = False  # NHWC memory layout (convolutional models run ~1.4x faster on the CPU)
-    amp: str = "auto"  # bf16 autocast: auto (on CUDA only), bf16 (on any device: ~3x for convs on AVX512-BF16), off
+    amp: str = "auto"  # bf16 autocast: auto (on CUDA only), bf16 (any device: ~3x for convs on AVX512-BF16), fp32
     # quantization-aware training
     quant: QuantSettings | None = None
     calib_batches: int = 4
@@ -179,6 +179,16 @@ class TrainConfig:
             raise ConfigError(f"unknown lever(s): {', '.join(unknown)}; known: {', '.join(LEVERS)}")
         self.levers = {k: LEVERS[k].from_mapping(k, v) for k, v in self.levers.items() if v is not None}
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``cfg.regularizer = {...}`` (or None) sets the lever's settings in ``levers``, checked as in a recipe."""
+        if name in LEVERS:
+            levers = {k: v for k, v in self.__dict__.get("levers", {}).items() if k != name}
+            if value is not None:
+                levers[name] = LEVERS[name].from_mapping(name, value)
+            object.__setattr__(self, "levers", levers)
+        else:
+            object.__setattr__(self, name, value)
+
     def __getattr__(self, name: str) -> Any:
         """A lever's settings by its recipe name (``cfg.regularizer``), or None when the recipe leaves it off."""
         if name in LEVERS:
@@ -204,8 +214,8 @@ class TrainConfig:
                               "num_crops > 1; got num_crops=1")
         if self.batch_size % self.num_crops:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of num_crops ({self.num_crops})")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ConfigError(f"amp must be auto, bf16 or off; got {self.amp!r}")
+        if self.amp not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"amp must be auto, bf16 or fp32 (no autocast); got {self.amp!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be adamw or sgd; got {self.optimizer!r}")
         if self.epochs <= 0 or self.lr <= 0:
@@ -224,9 +234,9 @@ class TrainConfig:
         """The ``QuantConfig`` this recipe asks for, or ``None`` for FP training."""
         return None if self.quant is None else self.quant.quant_config()
 
-    def lever_settings(self) -> list[LeverSettings]:
-        """The settings of the levers this recipe turns on, in the order the loop calls them."""
-        return sorted((self.levers[name] for name in LEVERS if name in self.levers), key=lambda s: s.order)
+    def lever_settings(self) -> list[tuple[str, LeverSettings]]:
+        """``(name, settings)`` of the levers this recipe turns on, in the order the loop calls them."""
+        return sorted(((name, self.levers[name]) for name in LEVERS if name in self.levers), key=lambda t: t[1].order)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as a plain mapping (what ``from_dict`` reads back; what checkpoints record)."""
@@ -245,7 +255,10 @@ class TrainConfig:
 
 def setting_names() -> list[str]:
     """Every key a recipe may set: ``TrainConfig``'s fields and the registered levers."""
-    return [*(f.name for f in fields(TrainConfig) if f.name != "levers"), *LEVERS]
+    names = [f.name for f in fields(TrainConfig) if f.name != "levers"]
+    if clash := sorted(set(names) & set(LEVERS)):
+        raise ConfigError(f"lever(s) registered under a setting's name: {', '.join(clash)}")
+    return [*names, *LEVERS]
 
 
 def sub_mapping_keys() -> dict[str, tuple[str, ...]]:

@@ -218,7 +218,11 @@ class _Run:
         metrics log and the validation loader."""
         ckpt = self.ckpt
         ctx = self._context(self.plan.total_steps)
-        self.levers = [self.targets, *(settings.build(ctx) for settings in self.cfg.lever_settings())]
+        self.levers = [self.targets]
+        for name, settings in self.cfg.lever_settings():
+            lever = settings.build(ctx)
+            lever.name = name  # its key in the metrics' owner and the checkpoint's metadata
+            self.levers.append(lever)
         for lever in self.levers:
             if ckpt is not None and lever.name in ckpt["meta"]:
                 lever.load_state_dict({"meta": ckpt["meta"][lever.name], "tensors": ckpt["extra"]})
