@@ -85,3 +85,13 @@ def test_data_source_of_checkpoints_written_before_the_spec_recorded_it():
                                                   "holdout": 3}}
     assert data_source(old) == DataSource("image_folder", "/imgs", "val", 3)
     assert data_source({"model": "mini_deit"}) == DataSource(None)
+
+
+def test_data_source_of_a_model_saved_from_a_loop_of_one_s_own():
+    """``save_model`` writes no training config; the dataset identity's name still says what the data was."""
+    from vvtq.spec import data_source
+
+    fm = data_source({"dataset": {"name": "fashion_mnist[subset]", "root": "/usr/share/datasets/fashion-mnist"}})
+    assert (fm.data, fm.root) == ("fashion_mnist", "/usr/share/datasets/fashion-mnist")
+    assert data_source({"dataset": {"name": "image_folder[train-5000]", "root": "/data/c10"}}).data == "/data/c10"
+    assert data_source({"dataset": {"name": "array"}}).data is None

@@ -1,4 +1,5 @@
-"""Building and loading models: a timm architecture, a vvtq checkpoint, a frozen teacher.
+"""Building and loading models: a timm architecture, a Hugging Face model (``vvtq.hf``), a vvtq checkpoint, a
+frozen teacher.
 
 Every model built here carries its ``ModelSpec`` (``model.vvtq_spec``), so that it can be saved, exported or
 rebuilt without a hand-written metadata dict. Training, evaluation, analysis, export and the demo all load
@@ -18,34 +19,31 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
 from .device import unwrap
 from .errors import ConfigError
+from .hf import build_hf, input_fields, is_hf_source
 from .spec import ModelSpec, timm_input
 
 
 def build_model(name: str | ModelSpec, model_kwargs: dict[str, Any] | None = None, pretrained: bool = False,
                 drop_path: float = 0.0) -> nn.Module:
-    """A timm model by name (the vvtq minis are registered on import), or the model a ``ModelSpec`` describes:
-    quantized (uncalibrated) when the spec has a quantization config. The spec is recorded as ``vvtq_spec``."""
+    """A timm model by name (the vvtq minis are registered on import), a Hugging Face model (a ``save_pretrained``
+    folder or ``hf:ID``, with its weights; ``vvtq.hf``), or the model a ``ModelSpec`` describes: quantized
+    (uncalibrated) when the spec has a quantization config. The spec is recorded as ``vvtq_spec``."""
     from . import models  # noqa: F401
 
     if isinstance(name, ModelSpec):
         spec = name
     else:
         spec = ModelSpec(name, dict(model_kwargs or {}))
-    kwargs = dict(spec.model_kwargs)
-    if drop_path:
-        kwargs["drop_path_rate"] = drop_path
-    try:
-        model = timm.create_model(spec.name, pretrained=pretrained, **kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise CheckpointError(f"unknown model {spec.name!r}") from None
-        raise
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):  # a mistyped model_kwargs key
-            raise ConfigError(f"model {spec.name!r}: {exc}") from None
-        raise
-    if not isinstance(name, ModelSpec):
-        spec = replace(spec, **timm_input(model))
+    if is_hf_source(spec.name, spec.model_kwargs):
+        # a name builds from its source (weights included); a spec from the architecture it records
+        model = build_hf(spec.name, spec.model_kwargs if isinstance(name, ModelSpec) else dict(model_kwargs or {}),
+                         drop_path)
+        if not isinstance(name, ModelSpec):
+            spec = replace(spec, **input_fields(model, spec.name))
+    else:
+        model = _create_timm(spec, pretrained, drop_path)
+        if not isinstance(name, ModelSpec):
+            spec = replace(spec, **timm_input(model))
     model.vvtq_spec = spec
     if spec.quant is not None:
         from .quant import quantize_model
@@ -54,15 +52,35 @@ def build_model(name: str | ModelSpec, model_kwargs: dict[str, Any] | None = Non
     return model
 
 
+def _create_timm(spec: ModelSpec, pretrained: bool, drop_path: float) -> nn.Module:
+    kwargs = dict(spec.model_kwargs)
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
+    try:
+        return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise CheckpointError(f"unknown model {spec.name!r}") from None
+        raise
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):  # a mistyped model_kwargs key
+            raise ConfigError(f"model {spec.name!r}: {exc}") from None
+        raise
+
+
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """A model in eval mode and its metadata, from a vvtq checkpoint (the model it was saved from, quantized if it
-    was) or ``timm:NAME`` (timm's pretrained weights; the metadata is then its ``ModelSpec`` dict).
+    was), ``timm:NAME`` (timm's pretrained weights) or a Hugging Face model (a ``save_pretrained`` folder, or
+    ``hf:ID``: transformers' ``from_pretrained``); for the last two the metadata is the model's ``ModelSpec`` dict.
 
     A checkpoint that does not fit its own recorded architecture or quantization config raises
     ``CheckpointError``.
     """
     if isinstance(source, str) and source.startswith("timm:"):
         model = build_model(source[5:], pretrained=True)
+        return model.to(device).eval(), model.vvtq_spec.to_dict()
+    if is_hf_source(str(source)):
+        model = build_model(str(source))
         return model.to(device).eval(), model.vvtq_spec.to_dict()
     meta = read_meta(source)
     ckpt = load_checkpoint(source, map_location="cpu")
@@ -108,14 +126,16 @@ class EnsembleTeacher(nn.Module):
 
 def load_teacher(spec: str | list[str], model_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
     """A frozen FP teacher that returns class probabilities: a vvtq checkpoint path, ``timm:NAME`` for timm's
-    pretrained weights (built with ``model_kwargs``), or a list of them (their probabilities averaged)."""
+    pretrained weights (built with ``model_kwargs``; an HF student's recorded architecture left out), a Hugging
+    Face model (folder or ``hf:ID``), or a list of them (their probabilities averaged)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise CheckpointError("teacher.checkpoint is an empty list")
     teachers, sizes = [], []
     for one in specs:
         if one.startswith("timm:"):
-            teachers.append(build_model(one[5:], model_kwargs, pretrained=True))
+            kwargs = {k: v for k, v in model_kwargs.items() if k != "hf"}
+            teachers.append(build_model(one[5:], kwargs, pretrained=True))
             sizes.append(None)
             continue
         teacher, meta = load_model(one, "cpu")

@@ -8,6 +8,10 @@ was trained and validated on). ``to_dict`` gives the checkpoint metadata's keys
 ``from_dict`` reads them back from any checkpoint's metadata, old ones included (other keys are ignored).
 ``ModelSpec.of(model)`` tells the spec of a live model: the one ``vvtq.build_model`` / ``vvtq.load_model``
 recorded on it, or, for a model made with ``timm.create_model``, the one timm's own config implies.
+
+A Hugging Face model (``name``: a ``save_pretrained`` folder or ``hf:ID``; ``vvtq.hf``) records its architecture in
+``model_kwargs["hf"]`` (the model class and the whole config), read from the source when the spec is made, so that
+its checkpoints and exports rebuild it without the source.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ConfigError
+from .hf import HFClassifier, is_hf_source, record_of
 
 _KEYS = ("model", "model_kwargs", "quant", "img_size", "mean", "std", "classes", "dataset")
 _DEFAULT_MEAN, _DEFAULT_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as timm's defaults
@@ -41,6 +46,10 @@ class ModelSpec:
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"model spec: model_kwargs must be a mapping, not {self.model_kwargs!r}")
         self.model_kwargs = dict(self.model_kwargs)
+        if "hf" not in self.model_kwargs and is_hf_source(self.name):
+            from .hf import describe
+
+            self.model_kwargs["hf"] = describe(self.name, self.model_kwargs)
         self.mean, self.std = [float(v) for v in self.mean], [float(v) for v in self.std]
         self.img_size = None if self.img_size is None else int(self.img_size)
 
@@ -85,7 +94,7 @@ class ModelSpec:
         """
         spec = getattr(model, "vvtq_spec", None)
         if spec is None:
-            spec = _from_timm(model)
+            spec = _from_hf(model) if isinstance(model, HFClassifier) else _from_timm(model)
         config = getattr(model, "vvtq_config", None)
         spec = spec.with_quant(config) if config is not None else spec
         return replace(spec, **overrides) if overrides else spec
@@ -117,9 +126,28 @@ def data_source(meta: dict[str, Any]) -> DataSource:
     checkpoint's training settings: a checkpoint written before the spec recorded ``data``, ``holdout`` and
     ``val_split`` takes the facts its spec lacks from its ``train_config``."""
     ds, tc = meta.get("dataset") or {}, meta.get("train_config") or {}
-    return DataSource(data=ds.get("data") or tc.get("data"), root=ds.get("root") or tc.get("data_root") or None,
+    return DataSource(data=ds.get("data") or tc.get("data") or _named_data(ds),
+                      root=ds.get("root") or tc.get("data_root") or None,
                       val_split=ds.get("val_split") or tc.get("val_split") or "test",
                       holdout=int(ds["holdout"] if "holdout" in ds else tc.get("holdout") or 0))
+
+
+def _from_hf(model: HFClassifier) -> ModelSpec:
+    record = record_of(model)
+    name = record["config"].get("_name_or_path") or record["class"]
+    size = model.hf.config.image_size
+    return ModelSpec(f"hf:{name}", {"hf": record}, img_size=size[-1] if isinstance(size, (tuple, list)) else size)
+
+
+def _named_data(identity: dict[str, Any]) -> str | None:
+    """The dataset an identity names, for a model saved without a training config (``save_model`` after a loop of
+    one's own, from a spec that predates the ``data`` field): Fashion-MNIST, or an image folder's root."""
+    from .data import FASHION_MNIST_NAMES
+
+    name = str(identity.get("name") or "").split("[")[0]
+    if name in FASHION_MNIST_NAMES:
+        return "fashion_mnist"
+    return identity.get("root") or None if name == "image_folder" else None
 
 
 def _from_timm(model: nn.Module) -> ModelSpec:

@@ -40,7 +40,9 @@ __all__ = ["HEAD_KINDS", "ModelStats", "SiteStats", "StreamingMoments", "as_anal
 # kinds whose tensors split into attention heads, and how (see ``head_rows``)
 HEAD_KINDS = ("q", "k", "v", "qkv", "proj", "q_act", "k_act", "v_act", "attn_prob", "attn_out")
 _FIT_SAMPLES = 1 << 16  # values per group used for a reference MSE fit of an activation scale
-_LAYER_RE = re.compile(r"^(.*?blocks\.\d+)\.")
+_LAYER_RE = re.compile(r"^(.*?blocks\.\d+)\.")  # timm; Hugging Face Swin (encoder.layers.N.blocks.M)
+# Hugging Face ViT / DeiT (hf.vit.layers.N), DINOv2 (hf.dinov2.encoder.layer.N); not Swin's patch merging
+_HF_LAYER_RE = re.compile(r"^(hf\..*?\.layers?\.\d+)\.(?!downsample)")
 
 
 class StreamingMoments:
@@ -141,8 +143,9 @@ def site_module(name: str) -> str:
 
 
 def layer_of(name: str) -> str:
-    """The transformer block of a site (``blocks.3``, ``layers.1.blocks.0``), or ``""`` for the edges."""
-    m = _LAYER_RE.match(name)
+    """The transformer block of a site (``blocks.3``, ``layers.1.blocks.0``, ``hf.vit.layers.3``), or ``""``
+    for the edges (patch embedding, patch merging, head)."""
+    m = _LAYER_RE.match(name) or _HF_LAYER_RE.match(name)
     return m.group(1) if m else ""
 
 

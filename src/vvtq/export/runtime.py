@@ -1,6 +1,7 @@
 """Integer reference runtime: runs a packed export (``vvtq.export.format``) with no training code or state.
 
-The structure comes from ``timm.create_model`` (the architecture recorded in the header); every quantized
+The structure comes from ``timm.create_model`` (the architecture recorded in the header; a Hugging Face model's
+from the class and config its ``model_kwargs["hf"]`` records: ``vvtq.hf.build_hf``); every quantized
 layer and every attention block is then replaced by the runtime's own modules, fed from the file. The walk is the
 QAT conversion's: the rule table ``vvtq.quant.rules``, with this module's factory (``_FileFactory``); attention
 is ``vvtq.quant.attention.AttentionCore``, the arithmetic the quantized model evaluates with.
@@ -189,6 +190,10 @@ def _create(name: str, kwargs: dict[str, Any], path: str) -> nn.Module:
     from .. import models  # noqa: F401  (registers mini_deit / mini_swin)
 
     try:
+        if "hf" in kwargs:
+            from ..hf import build_hf
+
+            return build_hf(name, kwargs)
         return timm.create_model(name, pretrained=False, **kwargs)
     except Exception as exc:
         raise ExportFormatError(f"{path}: cannot build architecture {name!r} ({exc})") from None
@@ -275,8 +280,9 @@ def evaluate_packed(path: str | Path, data: str | None = None, data_root: str | 
     data = data or ds_info.get("name")
     if not data:
         raise ExportFormatError(f"{path}: the file records no dataset; pass --data")
-    base = eval_split(data, split or ds_info.get("split") or "test", data_root or ds_info.get("root"),
-                      int(ds_info.get("holdout") or 0))
+    recorded = data == ds_info.get("name")  # another dataset than the recorded one takes no recorded root
+    base = eval_split(data, split or ds_info.get("split") or "test",
+                      data_root or (ds_info.get("root") if recorded else None), int(ds_info.get("holdout") or 0))
     if limit:
         base = SubsetImageDataset(base, range(min(limit, len(base))))
     loader = DataLoader(EvalDataset(base, int(arch["img_size"]), arch.get("mean"), arch.get("std")),

@@ -21,11 +21,15 @@ Supported (docs/METHOD.md §3 says where the quantizers sit):
   offset);
 - ``PatchEmbed.proj``, Swin / SwinV2 ``PatchMerging.reduction`` and the classifier at ``edge_bits``.
 
-Adding an architecture means adding its rule here (and its tests); nothing else walks a model.
+Adding an architecture means adding its rule here (and its tests); nothing else walks a model. Another library's
+classes (Hugging Face ``transformers``: ``vvtq.quant.rules_hf``) have their rules in a module of their own, which
+joins this table with ``register_rules`` (``Extension``): it is imported, by name, the first time the walk meets a
+class of that library (``EXTENSIONS``), so that vvtq imports without the library.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,13 +71,48 @@ class Factory(Protocol):
 @dataclass(frozen=True)
 class Rule:
     """``types``: the timm classes the rule matches (``when`` narrows it). Either ``sites`` (linears converted
-    in place) or ``attention`` (the module is replaced by an attention block built from its spec)."""
+    in place) or ``attention`` (the module is replaced by an attention block built from its spec).
+
+    ``adapter`` (another library's attention, whose caller expects another signature): the replacement is
+    ``adapter(source, block)``, a module that holds the factory's block as its child ``ADAPTED`` (named so, the
+    block's path ends in ``.core``; a quantized model's walk finds the block there and replaces it alone)."""
 
     name: str
     types: tuple[type, ...]
     sites: tuple[Site, ...] = ()
     attention: Callable[[nn.Module, str], AttentionSpec] | None = None
     when: Callable[[nn.Module], bool] = lambda m: True
+    adapter: Callable[[nn.Module, nn.Module], nn.Module] | None = None
+
+
+ADAPTED = "core"
+
+
+@dataclass(frozen=True)
+class Extension:
+    """Another library's part of the table (``register_rules``): its ``rules``; ``classifiers(model)``, the paths of
+    the model's classifiers (quantized as ``HEAD``, after ``CLASSIFIER_PATHS``); ``finish(model)``, run at the end
+    of every walk (e.g. what the library's own code reads from a replaced layer)."""
+
+    rules: tuple[Rule, ...]
+    classifiers: Callable[[nn.Module], Iterable[str]] = lambda model: ()
+    finish: Callable[[nn.Module], None] = lambda model: None
+
+
+# top-level package of a model's class -> the vvtq module that registers its rules (imported on first sight)
+EXTENSIONS = {"transformers": "vvtq.quant.rules_hf"}
+_REGISTERED: dict[str, Extension] = {}
+
+
+def register_rules(library: str, extension: Extension) -> None:
+    """Add (or replace) the rules of ``library`` (a top-level package name, e.g. ``"transformers"``)."""
+    _REGISTERED[library] = extension
+
+
+def _extension_for(module: nn.Module) -> None:
+    library = type(module).__module__.partition(".")[0]
+    if library in EXTENSIONS and library not in _REGISTERED:
+        importlib.import_module(EXTENSIONS[library])  # registers itself
 
 
 # --------------------------------------------------------------------------- attention specs
@@ -178,7 +217,9 @@ CONVERTED = Rule("converted attention", (AttentionCore,), attention=converted_at
 
 def rule_for(module: nn.Module, quantized: bool = False) -> Rule | None:
     """The rule that matches ``module`` (in a quantized model: ``CONVERTED`` first), or None."""
-    for rule in (CONVERTED, *RULES) if quantized else RULES:
+    _extension_for(module)
+    extra = tuple(rule for ext in _REGISTERED.values() for rule in ext.rules)
+    for rule in (CONVERTED, *RULES, *extra) if quantized else (*RULES, *extra):
         if isinstance(module, rule.types) and rule.when(module):
             return rule
     return None
@@ -211,19 +252,25 @@ def apply_rules(model: nn.Module, factory: Factory, quantized: bool = False) -> 
                 if quantized and spec.quantizers is None:
                     raise QuantizerError(f"{path}: {type(child).__name__} was not converted by vvtq.quantize_model "
                                          "(a quantized model is expected)")
-                setattr(module, cname, factory.attention(spec, path))
+                if rule.adapter is None:
+                    setattr(module, cname, factory.attention(spec, path))
+                else:
+                    setattr(module, cname, rule.adapter(child, factory.attention(spec, f"{path}.{ADAPTED}")))
                 count += 1
             else:
                 for site in rule.sites:
                     setattr(child, site.attr, factory.layer(getattr(child, site.attr), f"{path}.{site.attr}", site))
 
     visit(model, "")
-    for path in CLASSIFIER_PATHS:
+    extensions = list(_REGISTERED.values())
+    for path in (*CLASSIFIER_PATHS, *(p for ext in extensions for p in ext.classifiers(model))):
         parent_path, _, attr = path.rpartition(".")
         parent = _submodule(model, parent_path)
         layer = getattr(parent, attr, None)
         if isinstance(layer, nn.Linear):
             setattr(parent, attr, factory.layer(layer, path, HEAD))
+    for ext in extensions:
+        ext.finish(model)
     return count
 
 
