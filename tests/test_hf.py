@@ -174,3 +174,27 @@ def test_readme_hf_example_runs(setup, tmp_path, capsys):
     assert "ViTForImageClassification: loss" in out and "runtime logits identical: True" in out, out
     model, meta = vvtq.load_model(tmp_path / "w4a4.safetensors")
     assert meta["quant"]["wbits"] == 4 and isinstance(model, HFClassifier)
+
+
+def test_sources_that_would_train_wrongly_are_refused(setup, tmp_path):
+    """A pretrained folder at another image size (its position embeddings would be re-initialised), a
+    stochastic depth the model has no setting for, and a timm hub folder taken for an HF one."""
+    from vvtq.hf import build_hf, is_hf_source
+
+    root, _ = setup
+    with pytest.raises(ConfigError, match="image_size 32 -> 64"):
+        build_hf(str(root / "vit"), {"img_size": 64})
+    with pytest.raises(ConfigError, match="no stochastic depth"):
+        build_hf(str(root / "vit"), {}, drop_path=0.1)
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224", "num_classes": 10}))
+    assert not is_hf_source(str(tmp_path)) and is_hf_source(str(root / "vit"))
+
+
+def test_dinov2_s_unused_mask_token_takes_no_gradient(tmp_path):
+    """A classifier never uses DINOv2's mask token: frozen, so that DDP does not wait for its gradient."""
+    from vvtq.hf import build_hf
+
+    tiny_hf("dinov2").save_pretrained(tmp_path / "d")
+    model = build_hf(str(tmp_path / "d"), {})
+    assert not model.hf.dinov2.embeddings.mask_token.requires_grad
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
@@ -42,7 +43,16 @@ def is_hf_source(name: str, model_kwargs: dict[str, Any] | None = None) -> bool:
         return True
     if not isinstance(name, str):
         return False
-    return name.startswith(PREFIX) or (Path(name) / "config.json").is_file()
+    if name.startswith(PREFIX):
+        return True
+    config = Path(name) / "config.json"
+    if not config.is_file():
+        return False
+    try:  # a transformers config names its model_type; timm's hub folders hold a config.json too
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data and "architecture" not in data
 
 
 def _location(name: str) -> str:
@@ -65,7 +75,9 @@ def _apply(config, kwargs: dict[str, Any], where: str, drop_path: float = 0.0) -
     changed = False
     items = dict(kwargs)
     items.pop("hf", None)
-    if drop_path and hasattr(config, "drop_path_rate"):
+    if drop_path:
+        if not hasattr(config, "drop_path_rate"):
+            raise ConfigError(f"model {where!r}: {type(config).__name__} has no stochastic depth; set drop_path: 0")
         items["drop_path_rate"] = drop_path
     for key, value in items.items():
         attr = _KWARGS.get(key, key)
@@ -121,9 +133,14 @@ def build_hf(name: str, model_kwargs: dict[str, Any], drop_path: float = 0.0) ->
     record = model_kwargs.get("hf")
     if record is None:
         config = _config(name)
+        before = {k: getattr(config, k, None) for k in ("image_size", "num_channels", "patch_size")}
         changed = _apply(config, model_kwargs, name, drop_path)
-        model = T.AutoModelForImageClassification.from_pretrained(_location(name), config=config,
-                                                                  ignore_mismatched_sizes=changed)
+        moved = [f"{k} {v} -> {getattr(config, k, None)}" for k, v in before.items() if getattr(config, k, None) != v]
+        if moved:  # from_pretrained would re-initialise the position embeddings or the patch projection at random
+            raise ConfigError(f"model {name!r}: its pretrained weights are for another input ({', '.join(moved)}); "
+                              "train at the source's image size and channels (only the class count may change)")
+        model = T.AutoModelForImageClassification.from_pretrained(
+            _location(name), config=config, ignore_mismatched_sizes=changed, dtype=torch.float32)
     else:
         cls = getattr(T, str(record.get("class")), None)
         if not (isinstance(cls, type) and issubclass(cls, T.PreTrainedModel)):
@@ -131,6 +148,11 @@ def build_hf(name: str, model_kwargs: dict[str, Any], drop_path: float = 0.0) ->
         config = cls.config_class.from_dict(dict(record["config"]))
         _apply(config, model_kwargs, name, drop_path)
         model = cls(config)
+    for p in model.parameters():  # fp32 whatever the source's dtype, as the rebuild from a checkpoint is
+        p.data = p.data.float()
+    mask_token = getattr(getattr(getattr(model, model.base_model_prefix, None), "embeddings", None), "mask_token", None)
+    if isinstance(mask_token, nn.Parameter):  # unused by a classifier: DDP would wait for its gradient forever
+        mask_token.requires_grad_(False)
     return HFClassifier(model)
 
 

@@ -125,7 +125,8 @@ def _activation_ok(m: nn.Module) -> bool:
     """An MLP whose activation the GELU-output rule fits (GELU, ReLU, SiLU); any other is refused."""
     act = m.activation_fn
     name = type(act).__name__.lower()
-    if any(a in name for a in _ACTIVATIONS):
+    unbounded_below = any(n in name for n in ("leaky", "prelu", "rrelu"))  # "relu" in the name, negatives too
+    if any(a in name for a in _ACTIVATIONS) and not unbounded_below:
         return True
     raise QuantizerError(f"{type(m).__name__}: its activation {type(act).__name__} has no quantization rule in "
                          "vvtq (GELU, ReLU and SiLU outputs are quantized unsigned, with a learned offset)")
