@@ -221,7 +221,7 @@ class _Run:
         self.levers = [self.targets]
         for name, settings in self.cfg.lever_settings():
             lever = settings.build(ctx)
-            lever.name = name  # its key in the metrics' owner and the checkpoint's metadata
+            lever.name = name  # its key in the checkpoint's metadata
             self.levers.append(lever)
         for lever in self.levers:
             if ckpt is not None and lever.name in ckpt["meta"]:
