@@ -433,10 +433,11 @@ def teacher_accuracy(model: str, split: str = "test", limit: int | None = None) 
     key = f"{model}:{split}:{digest}" + (f":{limit}" if limit else "")
     if key not in data:
         from vvtq.data import SubsetImageDataset
+        from vvtq.spec import data_source
 
         net, meta = load_model(path)
-        tc = meta["train_config"]
-        base = eval_split(tc["data"], split, tc.get("data_root"), HOLDOUT)
+        src = data_source(meta)
+        base = eval_split(src.data, split, src.root, HOLDOUT)
         if limit:
             base = SubsetImageDataset(base, range(min(limit, len(base))))
         data[key] = evaluate(net, eval_loader(base, meta["img_size"]), torch.device("cpu"))["acc"]

@@ -39,3 +39,19 @@ class FakeQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``s * codes`` with a straight-through gradient to ``x``."""
         return x + (self.codes(x) * self.expanded_scale(x) - x).detach()
+
+
+def write_image_folder(root, counts: dict[str, int], px: int, classes: int = 3, seed: int = 0) -> None:
+    """``root/<split>/class<c>/<i>.png``: ``counts[split]`` random RGB images a split, spread over ``classes``
+    classes, each class a different brightness band (learnable in a few steps)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n // classes):
+                img = (rng.random((px, px, 3)) * 80 + 60 * c).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")

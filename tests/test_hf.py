@@ -8,11 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import vvtq
+from fakes import write_image_folder
 from hf_models import images, tiny_config, tiny_hf  # tests/ helper; skips without transformers
 from vvtq.cli import main
 from vvtq.errors import ConfigError
@@ -23,20 +23,11 @@ from vvtq.hf import HFClassifier
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A saved tiny ViT (3 classes), a 32 px RGB image folder with 3 classes and a short W2A2 loop run on it."""
-    from PIL import Image
-
     from vvtq.train import TrainConfig, train
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("hf")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 48), ("test", 12)):
-        for c in range(3):
-            d = root / "data" / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n // 3):
-                img = (rng.random((32, 32, 3)) * 80 + 60 * c).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
+    write_image_folder(root / "data", {"train": 48, "test": 12}, 32)
     hf = tiny_hf("vit", num_labels=3)
     hf.save_pretrained(root / "vit")
     cfg = TrainConfig.from_yaml("mini_deit_w2a2_vvtq", [

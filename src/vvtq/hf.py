@@ -139,7 +139,7 @@ def build_hf(name: str, model_kwargs: dict[str, Any], drop_path: float = 0.0) ->
         if moved:  # from_pretrained would re-initialise the position embeddings or the patch projection at random
             raise ConfigError(f"model {name!r}: its pretrained weights are for another input ({', '.join(moved)}); "
                               "train at the source's image size and channels (only the class count may change)")
-        model = T.AutoModelForImageClassification.from_pretrained(
+        model = T.AutoModelForImageClassification.from_pretrained(  # fp32, as the rebuild from a checkpoint is
             _location(name), config=config, ignore_mismatched_sizes=changed, dtype=torch.float32)
     else:
         cls = getattr(T, str(record.get("class")), None)
@@ -148,8 +148,6 @@ def build_hf(name: str, model_kwargs: dict[str, Any], drop_path: float = 0.0) ->
         config = cls.config_class.from_dict(dict(record["config"]))
         _apply(config, model_kwargs, name, drop_path)
         model = cls(config)
-    for p in model.parameters():  # fp32 whatever the source's dtype, as the rebuild from a checkpoint is
-        p.data = p.data.float()
     mask_token = getattr(getattr(getattr(model, model.base_model_prefix, None), "embeddings", None), "mask_token", None)
     if isinstance(mask_token, nn.Parameter):  # unused by a classifier: DDP would wait for its gradient forever
         mask_token.requires_grad_(False)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import timm
 import torch
 
 import vvtq
+from fakes import write_image_folder
 from vvtq.cli import main
 
 KW = {"depth": 1, "in_chans": 3, "num_classes": 3}
@@ -23,17 +23,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny RGB image folder and two checkpoints of a 1-block mini_deit: FP and W2A2 (calibrated)."""
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("analyze")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("test", 9)):
-        for c in range(3):
-            d = root / "data" / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n // 3):
-                img = (rng.random((28, 28, 3)) * 80 + 60 * c).astype(np.uint8)
-                Image.fromarray(img).save(d / f"{i}.png")
+    write_image_folder(root / "data", {"train": 12, "test": 9}, 28)
     spec = vvtq.ModelSpec("mini_deit", KW, img_size=28, classes=["class0", "class1", "class2"])
     train_config = {"data": "image_folder", "data_root": str(root / "data"), "val_split": "test"}
     torch.manual_seed(0)
