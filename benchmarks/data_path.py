@@ -9,6 +9,9 @@ random-resized crop + flip + normalisation of a training view; then the training
 teacher (``cifar_resnet``, batch 256, channels-last, bf16 autocast) and of the mini DeiT student (batch 128,
 fp32). The ratio that matters: the loader's share of a step, with and without the cache (the loop loads in the
 training process, ``num_workers: 0``).
+
+The same steps say which CIFAR-10 recipes use ``channels_last`` and ``amp: bf16``: the teacher's step in fp32
+(NCHW and channels-last) and both students' steps in fp32 and bf16, side by side in one process.
 """
 from __future__ import annotations
 
@@ -81,8 +84,16 @@ def main() -> None:
     from_cache = _per_image(cached.get_image, n, args.repeats)
     view = _per_image(views.__getitem__, n, args.repeats)  # from the cache: cache read + crop + normalise
     teacher = _step_per_image("cifar_resnet", {}, 256, True, True, args.steps)
-    student = _step_per_image("mini_deit", {"img_size": 32, "in_chans": 3, "global_pool": "avg",
-                                            "class_token": False}, 128, False, False, args.steps)
+    deit = {"img_size": 32, "in_chans": 3, "global_pool": "avg", "class_token": False}
+    student = _step_per_image("mini_deit", deit, 128, False, False, args.steps)
+    speed = {  # step time per image, fp32 over the recipe's setting: >1 means the setting is faster
+        "teacher_bf16_channels_last_vs_fp32_nchw": _step_per_image("cifar_resnet", {}, 256, False, False,
+                                                                   args.steps) / teacher,
+        "teacher_bf16_channels_last_vs_fp32_channels_last": _step_per_image("cifar_resnet", {}, 256, True, False,
+                                                                            args.steps) / teacher,
+        "mini_deit_fp32_vs_bf16": student / _step_per_image("mini_deit", deit, 128, False, True, args.steps),
+        "mini_swin_fp32_vs_bf16": _step_per_image("mini_swin", {"in_chans": 3}, 128, False, False, args.steps)
+        / _step_per_image("mini_swin", {"in_chans": 3}, 128, False, True, args.steps)}
     rows = {"decode_us": decode * 1e6, "cache_read_us": from_cache * 1e6, "cached_view_us": view * 1e6,
             "uncached_view_us": (view - from_cache + decode) * 1e6,
             "teacher_step_us_per_image": teacher * 1e6, "student_step_us_per_image": student * 1e6}
@@ -91,12 +102,15 @@ def main() -> None:
     out = {"command": "python " + " ".join(["benchmarks/data_path.py", *sys.argv[1:]]),
            "per_image": {k: round(v, 1) for k, v in rows.items()},
            "loader_share_of_step": {k: round(v, 4) for k, v in share.items()},
+           "speedup": {k: round(v, 2) for k, v in speed.items()},
            "machine": {"threads": args.threads, "torch": torch.__version__, "cpu": platform.machine()},
            "method": f"medians of {args.repeats} passes over {n} training images; steps: median of {args.steps}"}
     for k, v in out["per_image"].items():
         print(f"{k:28s} {v:9.1f} us")
     for k, v in out["loader_share_of_step"].items():
         print(f"loader share, {k:18s} {100 * v:5.1f}%")
+    for k, v in out["speedup"].items():
+        print(f"speed-up {k:48s} {v:5.2f}x")
     path = Path(args.out) if args.out else RESULTS / "data_path.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -33,9 +33,21 @@ class Settings:
     def from_mapping(cls: type[S], where: str, data: Any) -> S:
         """The settings ``data`` (a mapping) asks for, checked; ``where`` names them in errors."""
         if isinstance(data, cls):
-            return data
-        if not isinstance(data, dict):
+            obj = data
+        elif not isinstance(data, dict):
             raise ConfigError(f"setting {where!r} must be a mapping (or null); got {data!r}")
+        else:
+            obj = cls._read(where, data)
+        try:  # a settings object given as it is is checked too
+            obj.validate()
+        except (TypeError, ValueError) as exc:
+            message = str(exc)  # named already ("teacher.source must be ...", "quant: ...") or named here
+            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+        return obj
+
+    @classmethod
+    def _read(cls: type[S], where: str, data: dict[str, Any]) -> S:
+        """The settings of a mapping: its keys known, its values converted to their fields' types."""
         known = cls.keys()
         unknown = sorted(map(str, set(data) - set(known)))
         if unknown:
@@ -46,11 +58,6 @@ class Settings:
         values = {k: coerce(f"{where}.{k}", types[k], v) for k, v in data.items()}
         obj = cls(**values)
         object.__setattr__(obj, "_given", frozenset(values))
-        try:
-            obj.validate()
-        except (TypeError, ValueError) as exc:
-            message = str(exc)  # named already ("teacher.source must be ...", "quant: ...") or named here
-            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
         return obj
 
     def validate(self) -> None:

@@ -151,3 +151,12 @@ def test_amp_values_and_error_messages_name_the_setting_once():
     assert str(err.value).count("quant:") == 1
     with pytest.raises(ConfigError, match="^teacher.source must be none, live or file"):
         TrainConfig.from_yaml("mini_deit_fp_cls", ["teacher={source: oracle}"])
+
+
+def test_settings_objects_given_directly_are_checked_too():
+    from vvtq.qat import TeacherSettings
+
+    with pytest.raises(ConfigError, match="teacher.source must be none, live or file"):
+        TrainConfig(teacher=TeacherSettings(source="oracle"))
+    with pytest.raises(ConfigError, match="^regularizer bins must be one of"):
+        TrainConfig(levers={"regularizer": {"bins": "layer"}})
