@@ -129,3 +129,25 @@ def test_views_on_folder(tree):
     ev = EvalDataset(ds, out_size=12)
     xe, ye = ev[5]
     assert xe.shape == (3, 12, 12) and ye == 2
+
+
+def test_decoded_images_are_cached_once_in_the_process_but_not_in_loader_workers(tmp_path):
+    from fakes import write_image_folder
+    from torch.utils.data import DataLoader
+
+    from vvtq.data import ImageFolderDataset
+
+    write_image_folder(tmp_path, {"train": 6}, 8)
+    ds = ImageFolderDataset(tmp_path, "train")
+    first = ds.get_image(0)
+    assert len(ds._cache) == 1 and torch.equal(ds.get_image(0), first)
+    assert len(ImageFolderDataset(tmp_path, "train", cache_bytes=0).__dict__["_cache"]) == 0
+    fresh = ImageFolderDataset(tmp_path, "train")
+
+    def cached_in_worker(idx):  # runs in the worker process: how many images its copy of the dataset kept
+        for i in idx:
+            fresh.get_image(i)
+        return len(fresh._cache)
+
+    kept = list(DataLoader(list(range(len(fresh))), batch_size=3, num_workers=1, collate_fn=cached_in_worker))
+    assert kept == [0, 0]  # the worker decoded without keeping a copy

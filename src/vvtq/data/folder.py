@@ -40,6 +40,12 @@ def find_classes(split_dir: str | os.PathLike) -> list[str]:
     return classes
 
 
+def _in_loader_worker() -> bool:
+    from torch.utils.data import get_worker_info
+
+    return get_worker_info() is not None
+
+
 class ImageFolderDataset(ImageDataset):
     """Images under ``root/<split>/<class>/``, classes sorted, loaded with PIL as RGB (``in_chans`` = 3).
 
@@ -49,7 +55,8 @@ class ImageFolderDataset(ImageDataset):
     Decoded images are kept in memory (uint8) up to ``cache_bytes`` (default 2 GiB), so that each file is
     decoded once per process: on CIFAR-10's 32 px JPEGs decoding costs about 5x the crop (336 vs 63 us an image
     here), and the 50,000 decoded images take 150 MB. Past the budget, images are decoded each time they are read,
-    which is the right trade for an ImageNet-size folder. ``cache_bytes=0`` turns the cache off.
+    which is the right trade for an ImageNet-size folder. ``cache_bytes=0`` turns the cache off. DataLoader
+    workers do not cache (each would hold its own copy, and the loop's workers end with their epoch).
     """
 
     #: default in-memory budget for decoded images
@@ -129,7 +136,7 @@ class ImageFolderDataset(ImageDataset):
         pixels = self._cache.get(i)
         if pixels is None:
             pixels = self._decode(i)
-            if self._cached_bytes + pixels.numel() <= self.cache_bytes:
+            if self._cached_bytes + pixels.numel() <= self.cache_bytes and not _in_loader_worker():
                 self._cache[i] = pixels
                 self._cached_bytes += pixels.numel()
         return pixels.to(torch.float32).div_(255.0)
