@@ -132,9 +132,9 @@ def test_views_on_folder(tree):
 
 
 def test_decoded_images_are_cached_once_in_the_process_but_not_in_loader_workers(tmp_path):
-    from fakes import write_image_folder
     from torch.utils.data import DataLoader
 
+    from fakes import write_image_folder
     from vvtq.data import ImageFolderDataset
 
     write_image_folder(tmp_path, {"train": 6}, 8)
