@@ -6,10 +6,10 @@
     python benchmarks/accuracy_v2.py --report-only               # rewrite the results from the finished runs
     python benchmarks/accuracy_v2.py --quick --work DIR --store DIR   # smoke test: a few steps of a few runs
 
-A recipe is the LSQ baseline plus *factors* applied one at a time (``FACTORS``), written ``kd+crops=2+md``. Every
-run trains on the 55,000 training images left after holding out 5,000 (``holdout``, a fixed choice). Pilots (one
-seed, a short budget) are scored on the held-out images, which chose the recipe; the study's runs are scored on
-the 10,000 test images. Every QAT run starts from the shipped FP teacher of its model
+A recipe is the LSQ baseline plus *factors* applied one at a time (``study_factors.FACTORS``), written
+``kd+crops=2+md``. Every run trains on the 55,000 training images left after holding out 5,000 (``holdout``, a
+fixed choice). Pilots (one seed, a short budget) are scored on the held-out images, which chose the recipe; the
+study's runs are scored on the 10,000 test images. Every QAT run starts from the shipped FP teacher of its model
 (``benchmarks/results/accuracy_v2_teachers``; trained first if missing) and sees the same number of crops.
 
 Resumable across sessions: a finished run is ``STORE/<name>.json`` plus its metrics (gzip JSONL), committed
@@ -31,12 +31,25 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this script
+from study_factors import Context, StudyError, apply_factors, describe, parse_factors, recipe_key  # noqa: E402
+from study_runs import (  # noqa: E402
+    ROOT,
+    Run,
+    clear_stale_claims,
+    fmt,
+    log,
+    mean,
+    signature,
+    spawn,
+    stored,
+    work_loop,
+    write_atomic,
+)
+
 CONFIGS = ROOT / "src" / "vvtq" / "recipes"
 RESULTS = ROOT / "benchmarks" / "results"
 TEACHERS = RESULTS / "accuracy_v2_teachers"
@@ -69,175 +82,7 @@ PILOTS = (  # in order of priority: workers take them first to last
 )
 
 
-# --------------------------------------------------------------------------- factors
-@dataclass(frozen=True)
-class Context:
-    model: str
-    teacher: str  # this model's FP teacher
-    other_teacher: str | None  # the other architecture's, for the ensemble
-    cnn_teacher: str | None = None  # the stronger CNN teacher (factor 'cnn')
-
-
-def _teacher_live(spec: dict, ctx: Context) -> None:
-    spec["teacher"] = {"source": "live", "checkpoint": ctx.teacher, **{k: v for k, v in (spec.get("teacher") or {})
-                                                                       .items() if k == "hard_weight"}}
-
-
-def _needs_kd(spec: dict, what: str) -> None:
-    if (spec.get("teacher") or {}).get("source") != "live":
-        raise StudyError(f"factor {what!r} needs 'kd' before it")
-
-
-def _f_kd(spec, ctx, v):
-    _teacher_live(spec, ctx)
-
-
-def _f_hard(spec, ctx, v):
-    _needs_kd(spec, "hard")
-    spec["teacher"]["hard_weight"] = float(v or _DEFAULTS["hard"])
-
-
-def _f_ens(spec, ctx, v):
-    _needs_kd(spec, "ens")
-    if ctx.other_teacher is None:
-        raise StudyError("factor 'ens' needs both teachers")
-    spec["teacher"]["checkpoint"] = [ctx.teacher, ctx.other_teacher]
-
-
-def _f_cnn(spec, ctx, v):
-    _needs_kd(spec, "cnn")
-    if ctx.cnn_teacher is None:
-        raise StudyError("factor 'cnn' needs the CNN teacher")
-    ckpt = spec["teacher"]["checkpoint"]
-    spec["teacher"]["checkpoint"] = [*ckpt, ctx.cnn_teacher] if isinstance(ckpt, list) else ctx.cnn_teacher
-
-
-def _f_crops(spec, ctx, v):
-    spec["num_crops"] = int(v)
-
-
-def _f_wide(spec, ctx, v):
-    spec["crop_scale"] = [0.35, 1.0]
-
-
-def _f_md(spec, ctx, v):
-    spec["quant"] = {**spec["quant"], "preset": "vvtq"}
-
-
-def _f_lnch(spec, ctx, v):
-    table = {**(spec["quant"].get("act_granularity") or {}), "attn_in": "channel", "mlp_in": "channel"}
-    spec["quant"] = {**spec["quant"], "act_granularity": table}
-
-
-def _f_sgelu(spec, ctx, v):
-    spec["quant"] = {**spec["quant"], "gelu_signed": True}
-
-
-def _f_qlr(spec, ctx, v):
-    spec["quant_lr_scale"] = float(v)
-
-
-def _f_wqlr(spec, ctx, v):
-    spec["weight_quant_lr_scale"] = float(v)
-
-
-def _f_lr(spec, ctx, v):
-    spec["lr"] = float(v)
-
-
-def _f_reg(spec, ctx, v):
-    spec["regularizer"] = {"lambda_max": 0.01, "start_frac": 0.25}
-
-
-def _f_regn(spec, ctx, v):
-    spec["regularizer"] = {"lambda_max": float(v or _DEFAULTS["regn"]), "start_frac": 0.5, "units": "step",
-                           "bins": "group", "weighting": "size"}
-
-
-def _f_freeze(spec, ctx, v):
-    threshold = float(v or _DEFAULTS["freeze"])
-    spec["oscillation"] = {**(spec.get("oscillation") or {"every": 1}), "freeze_threshold": threshold}
-
-
-def _f_cga(spec, ctx, v):
-    spec["anneal"] = {"start_frac": float(v or _DEFAULTS["cga"])}
-
-
-def _f_single(spec, ctx, v):
-    if spec["num_crops"] < 2:
-        raise StudyError("factor 'single' needs 'crops=K' (K > 1) before it")
-    spec["single_crop_frac"] = float(v or _DEFAULTS["single"])
-
-
-# name: (label, how it changes the recipe mapping)
-FACTORS = {
-    "kd": ("soft labels of the live FP teacher (its own crop scale, 1 crop)", _f_kd),
-    "hard": ("+ the hard label, weight {v}", _f_hard),
-    "ens": ("teacher = the mean of both architectures' teachers", _f_ens),
-    "cnn": ("teacher = a narrow ResNet-18 trained here (stronger than the student; after 'ens': joins the mean)",
-            _f_cnn),
-    "crops": ("{v} crops per image ({v}x fewer distinct images)", _f_crops),
-    "wide": ("crop area [0.35, 1] (the published recipe's; the teacher's is [0.8, 1])", _f_wide),
-    "md": ("module-dependent quantizers (split q/k/v, per-channel weights, per-head activations, GELU offset)",
-           _f_md),
-    "lnch": ("a step size per channel for the LayerNorm outputs (the attention and MLP inputs; RepQ-ViT)",
-             _f_lnch),
-    "sgelu": ("GELU output quantized signed (the old, weak baseline)", _f_sgelu),
-    "qlr": ("quantizer step sizes at {v} x the weights' lr", _f_qlr),
-    "wqlr": ("weight quantizers' step sizes at {v} x the lr (0: fixed at their MSE fit, as OFQ's StatsQ keeps "
-             "them out of the optimizer)", _f_wqlr),
-    "lr": ("weights' lr {v}", _f_lr),
-    "reg": ("published bin regularizer (lambda 0.01, from 25%, bins per tensor)", _f_reg),
-    "regn": ("bin regularizer in steps, bins per channel, size-weighted, lambda {v}, from 50%", _f_regn),
-    "freeze": ("iterative freezing of weights oscillating above frequency {v} (Nagel et al.)", _f_freeze),
-    "cga": ("confidence-guided annealing of the low-bit weights from {v} of the run (OFQ)", _f_cga),
-    "single": ("the last {v} of the steps take 1 crop an image (the published single-crop final phase)", _f_single),
-}
-
-
-# a factor's value when the recipe names none
-_DEFAULTS = {"hard": 0.5, "regn": 1.0, "freeze": 0.02, "cga": 0.8, "single": 0.2}
-
-
-class StudyError(RuntimeError):
-    """The plan, a stored result or an input does not fit."""
-
-
-def parse_factors(recipe: str) -> list[tuple[str, str | None]]:
-    out = []
-    for part in filter(None, recipe.split("+")):
-        name, _, value = part.partition("=")
-        if name not in FACTORS:
-            raise StudyError(f"unknown factor {name!r} in recipe {recipe!r}; known: {', '.join(FACTORS)}")
-        out.append((name, value or None))
-    return out
-
-
-def recipe_key(recipe: str) -> str:
-    """A file-name-safe key: ``kd+crops=2`` -> ``kd_crops2``; the baseline is ``lsq``."""
-    return recipe.replace("=", "").replace("+", "_").replace(".", "p").replace("-", "m") or "lsq"
-
-
-def describe(recipe: str) -> str:
-    return "; ".join(FACTORS[n][0].format(v=v or _DEFAULTS.get(n)) for n, v in parse_factors(recipe)) \
-        or "LSQ baseline"
-
-
 # --------------------------------------------------------------------------- the plan
-@dataclass
-class Run:
-    name: str
-    model: str
-    group: str  # pilot, main, ablation, bits
-    recipe: str  # factor string
-    bits: int
-    seed: int
-    cfg: Any  # TrainConfig
-    aliases: set[str] = field(default_factory=set)  # every recipe string planned as this same training
-
-    def is_(self, model: str, recipe: str, bits: int, seed: int) -> bool:
-        return (self.model, self.bits, self.seed) == (model, bits, seed) and recipe in self.aliases | {self.recipe}
-
 
 def build_cfg(model: str, bits: int, recipe: str, seed: int, crops: int, scored_on: str, work: Path, name: str,
               ctx: Context, quick: bool) -> Any:
@@ -248,8 +93,7 @@ def build_cfg(model: str, bits: int, recipe: str, seed: int, crops: int, scored_
     base = 2 if bits == 32 else bits
     spec = TrainConfig.from_yaml(CONFIGS / f"{model}_w{base}a{base}_lsq.yaml").to_dict()
     lsq_quant = spec["quant"]
-    for fname, value in parse_factors(recipe):
-        FACTORS[fname][1](spec, ctx, value)
+    apply_factors(spec, recipe, ctx)
     if bits == 32:
         if spec["quant"] != lsq_quant:
             raise StudyError(f"an FP row (bits 32) takes no quantizer factor; got {recipe!r}")
@@ -284,7 +128,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
         name = f"{prefix}{model}_{recipe_key(recipe)}_w{bits}a{bits}_s{seed}" if bits != 32 else \
             f"{model}_fp_trained_on_{recipe_key(recipe) if recipe else 'base'}_s{seed}"  # unquantized: no "lsq"
         cfg = build_cfg(model, bits, recipe, seed, crops, scored_on, work, name, ctx, args.quick)
-        key = _signature(cfg.to_dict())
+        key = signature(cfg.to_dict())
         if key in seen:
             seen[key].aliases.add(recipe)
             return seen[key]
@@ -355,25 +199,6 @@ def ablation_recipes(chains: tuple[str, ...] | None = None, also: tuple[str, ...
     return list(dict.fromkeys(["", *singles, *cumulative]))
 
 
-def _signature(cfg: dict[str, Any]) -> str:
-    """What makes two runs the same training: the config without bookkeeping, defaults dropped."""
-    from vvtq.train import TrainConfig
-
-    default = TrainConfig().to_dict()
-    keep = {k: v for k, v in _relative(cfg).items() if k not in ("out", "progress", "ckpt_every_steps", "log_every")
-            and _plain(default.get(k, object())) != v}
-    return json.dumps(keep, sort_keys=True)
-
-
-def _plain(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
-
-
-def _relative(obj: Any) -> Any:
-    """``obj`` (JSON-able) with every path inside the repository written relative to it: results are portable."""
-    return json.loads(json.dumps(obj).replace(json.dumps(str(ROOT) + os.sep)[1:-1], ""))
-
-
 # --------------------------------------------------------------------------- teachers
 def teacher_path(model: str) -> Path:
     return TEACHERS / f"{model}_fp.safetensors"
@@ -397,9 +222,9 @@ def ensure_teachers(args: argparse.Namespace, work: Path) -> None:
                "--set", "ckpt_every_steps=100"] + (["--resume"] if (out / "last.safetensors").is_file() else [])
         log_path = work / "teachers" / f"{m}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as log:
-            procs.append((m, out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)))
-        _log(work, f"training teacher {m} (log {log_path})")
+        with open(log_path, "a") as log_file:
+            procs.append((m, out, subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)))
+        log(work, f"training teacher {m} (log {log_path})")
     for m, out, p in procs:
         if p.wait() != 0:
             raise StudyError(f"teacher {m} failed: see {work / 'teachers' / f'{m}.log'}")
@@ -441,164 +266,9 @@ def teacher_accuracy(model: str, split: str = "test", limit: int | None = None) 
         if limit:
             base = SubsetImageDataset(base, range(min(limit, len(base))))
         data[key] = evaluate(net, eval_loader(base, meta["img_size"]), torch.device("cpu"))["acc"]
-        _write_atomic(cache, json.dumps(data, indent=1, sort_keys=True))
+        write_atomic(cache, json.dumps(data, indent=1, sort_keys=True))
     return data[key]
 
-
-# --------------------------------------------------------------------------- running
-def _log(work: Path, msg: str) -> None:
-    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / "progress.log", "a") as f:
-        f.write(line + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def stored(run: Run, store: Path) -> dict[str, Any] | None:
-    """The finished result of ``run`` in the store, or None; a stored result of another config is an error."""
-    path = store / f"{run.name}.json"
-    if not path.is_file():
-        return None
-    res = json.loads(path.read_text())
-    if _signature(res["config"]) != _signature(run.cfg.to_dict()):
-        raise StudyError(f"{path} holds a run of another config; move it away to rerun {run.name}")
-    return res
-
-
-def claim(run: Run) -> bool:
-    """Take ``run`` for this worker (atomic create, holding its pid); False if another worker has it."""
-    run_dir = Path(run.cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(run_dir / "claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    return True
-
-
-def clear_stale_claims(work: Path) -> None:
-    """Remove the claims of workers that no longer run (another invocation's live workers keep theirs). A claim
-    without a pid, with this process's own, or whose pid now belongs to another program is stale."""
-    for c in work.glob("*/claim"):
-        try:
-            pid = int(c.read_text() or 0)
-        except ValueError:
-            pid = 0
-        cmdline = Path(f"/proc/{pid}/cmdline")
-        if pid > 0 and pid != os.getpid() and _alive(pid) and (not cmdline.parent.is_dir() or
-                                                              b"accuracy_v2" in cmdline.read_bytes()):
-            continue
-        c.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _osc_last(metrics: Path, key: str) -> float | None:
-    value = None
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        rec = json.loads(line)
-        if rec.get("type") == "step" and key in rec:
-            value = float(rec[key])
-    return value
-
-
-def execute(run: Run, store: Path, work: Path) -> dict[str, Any] | None:
-    """Train (or continue) one run and store its result; None if it failed (the study goes on)."""
-    import yaml
-
-    from vvtq.train import train
-
-    out = Path(run.cfg.out)
-    resume = (out / "last.safetensors").is_file()
-    if resume:
-        old = yaml.safe_load((out / "config.yaml").read_text())
-        if _signature(old) != _signature(run.cfg.to_dict()):
-            raise StudyError(f"{out} holds an unfinished run of another config; delete it to rerun {run.name}")
-    t0 = time.time()
-    try:
-        res = train(run.cfg, resume=resume)
-    except Exception as exc:  # reported; the other runs go on
-        _log(work, f"FAILED {run.name}: {type(exc).__name__}: {exc}")
-        _write_atomic(out / "failed.txt", f"{type(exc).__name__}: {exc}\n")
-        return None
-    metrics = out / "metrics.jsonl"
-    result = {"name": run.name, "model": run.model, "group": run.group, "recipe": run.recipe, "bits": run.bits,
-              "seed": run.seed, "num_crops": run.cfg.num_crops, "steps": res["step"],
-              "crops": res["step"] * run.cfg.batch_size, "scored_on": run.cfg.val_split,
-              "final_acc": res["final_acc"], "best_acc": res["best_acc"], "wall_s": round(time.time() - t0, 1),
-              "resumed": resume, "osc_lowbit": _osc_last(metrics, "osc/lowbit"),
-              "osc_overall": _osc_last(metrics, "osc/overall"), "frozen": _osc_last(metrics, "osc/frozen"),
-              "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0), "config": _relative(run.cfg.to_dict())}
-    store.mkdir(parents=True, exist_ok=True)
-    with open(metrics, "rb") as src, gzip.open(store / f"{run.name}.metrics.jsonl.gz.tmp", "wb") as g:
-        shutil.copyfileobj(src, g)
-    os.replace(store / f"{run.name}.metrics.jsonl.gz.tmp", store / f"{run.name}.metrics.jsonl.gz")
-    _write_atomic(store / f"{run.name}.json", json.dumps(result, indent=1))
-    return result
-
-
-def work_loop(runs: list[Run], store: Path, work: Path, worker: str) -> int:
-    """Claim and train runs until none is left; returns the number that failed."""
-    failed = 0
-    for i, run in enumerate(runs, 1):
-        if stored(run, store) is not None or not claim(run):
-            continue
-        _log(work, f"{worker} [{i}/{len(runs)}] {run.name}: starting"
-                   + (" (continuing)" if (Path(run.cfg.out) / "last.safetensors").is_file() else ""))
-        res = execute(run, store, work)
-        if res is None:
-            failed += 1
-            continue
-        _log(work, f"{worker} [{i}/{len(runs)}] {run.name}: {res['scored_on']} top-1 {res['final_acc']:.2f}% "
-                   f"osc {res['osc_lowbit']} in {res['wall_s']:.0f} s")
-    return failed
-
-
-def spawn(args: argparse.Namespace, argv: list[str], work: Path) -> list[int]:
-    """``args.jobs`` worker processes, each claiming runs; stale claims (no worker runs now) are cleared first."""
-    clear_stale_claims(work)
-    cleaned, skip = [], False
-    for a in argv:
-        if skip or a == "--jobs":
-            skip = not skip
-            continue
-        if not a.startswith("--jobs="):
-            cleaned.append(a)
-    procs = []
-    for k in range(args.jobs):
-        with open(work / f"worker{k}.log", "a") as log:
-            procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *cleaned, "--worker",
-                                           str(k)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}))
-        _log(work, f"worker {k}: pid {procs[-1].pid}, log {work / f'worker{k}.log'}")
-    return [p.wait() for p in procs]
-
-
-# --------------------------------------------------------------------------- results
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return round(statistics.fmean(vals), 3) if vals else None
-
-
-def _fmt(v: float | None, digits: int = 2) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
 
 
 def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict], command: str) -> dict[str, Any]:
@@ -621,8 +291,8 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
             for bits in (2, 3, 4):
                 seeds = args.seeds if bits == 2 else args.seeds[:1]
                 vals = [find(model, recipe, bits, s) for s in seeds]
-                row[key][f"w{bits}a{bits}"] = _mean(vals)
-                row[f"{key}.w{bits}a{bits}"] = _mean(vals)
+                row[key][f"w{bits}a{bits}"] = mean(vals)
+                row[f"{key}.w{bits}a{bits}"] = mean(vals)
                 if bits == 2:
                     row[f"{key}_w2a2_seeds"] = vals
         # the ceiling: the FP teacher trained on, unquantized, for the same steps at the baseline's and the lr row's lr
@@ -639,7 +309,7 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
         names = [next((r.name for r in runs if r.is_("mini_deit", recipe, 2, s)), None) for s in args.seeds]
         accs = [results[n]["final_acc"] if n in results else None for n in names]
         oscs = [results[n]["osc_lowbit"] if n in results else None for n in names]
-        ablation.append({"recipe": recipe or "lsq", "label": describe(recipe), "final_acc": accs, "mean": _mean(accs),
+        ablation.append({"recipe": recipe or "lsq", "label": describe(recipe), "final_acc": accs, "mean": mean(accs),
                          "osc_lowbit": oscs})
     return {"command": command, "quick": args.quick, "summary": summary, "teachers": teachers, "ablation": ablation,
             "recipes": {k: {"label": v[0], "factors": v[1] or "lsq", "description": describe(v[1])}
@@ -676,35 +346,35 @@ def markdown(doc: dict[str, Any], pilots: list[dict[str, Any]], findings: str | 
              f"- Wall time of the runs so far: {doc['wall_s_total'] / 3600:.1f} h of worker time (one thread each).",
              "", "## Recipes", ""]
     lines += ["FP teachers (top-1 %, test / held-out): " + "; ".join(
-        f"{m} {_fmt(t['test'])} / {_fmt(t['holdout'])}" for m, t in doc.get("teachers", {}).items()), ""]
+        f"{m} {fmt(t['test'])} / {fmt(t['holdout'])}" for m, t in doc.get("teachers", {}).items()), ""]
     lines += [f"- **{k}** ({v['label']}): `{v['factors']}`: {v['description']}" for k, v in doc["recipes"].items()]
     lines += ["", "## Main table", "", "| model | FP | recipe | W4A4 | W3A3 | W2A2 mean | W2A2 per seed |",
               "|---|---|---|---|---|---|---|"]
     for model, row in doc["summary"].items():
         for key in RECIPES:
             seeds = row.get(f"{key}_w2a2_seeds") or []
-            lines.append(f"| {model} | {_fmt(row['fp'])} | {key} | {_fmt(row[key]['w4a4'])} | "
-                         f"{_fmt(row[key]['w3a3'])} | {_fmt(row[key]['w2a2'])} | "
-                         f"{' / '.join(_fmt(v) for v in seeds)} |")
+            lines.append(f"| {model} | {fmt(row['fp'])} | {key} | {fmt(row[key]['w4a4'])} | "
+                         f"{fmt(row[key]['w3a3'])} | {fmt(row[key]['w2a2'])} | "
+                         f"{' / '.join(fmt(v) for v in seeds)} |")
     lines += ["", "## Ceiling: the FP teacher trained on, unquantized, for the same steps (seed 0, test set)", "",
               "| model | FP teacher | + the baseline's training (lr 5e-4) | + lr 1e-3 |", "|---|---|---|---|"]
     for model, row in doc["summary"].items():
         ceiling = row.get("fp_trained_on") or {}
-        lines.append(f"| {model} | {_fmt(row['fp'])} | {_fmt(ceiling.get('lsq'))} | {_fmt(ceiling.get('lr'))} |")
+        lines.append(f"| {model} | {fmt(row['fp'])} | {fmt(ceiling.get('lsq'))} | {fmt(ceiling.get('lr'))} |")
     lines += ["", "## Ablation (mini DeiT, W2A2, one factor at a time)", "",
               "| recipe | what | top-1 mean | per seed | oscillating low-bit weights (per seed) |",
               "|---|---|---|---|---|"]
     for a in doc["ablation"]:
-        lines.append(f"| `{a['recipe']}` | {a['label']} | {_fmt(a['mean'])} | "
-                     f"{' / '.join(_fmt(v) for v in a['final_acc'])} | "
-                     f"{' / '.join(_fmt(v, 4) for v in a['osc_lowbit'])} |")
+        lines.append(f"| `{a['recipe']}` | {a['label']} | {fmt(a['mean'])} | "
+                     f"{' / '.join(fmt(v) for v in a['final_acc'])} | "
+                     f"{' / '.join(fmt(v, 4) for v in a['osc_lowbit'])} |")
     if pilots:
         lines += ["", "## Pilots (W2A2, seed 0, scored on the 5,000 held-out training images)", "",
                   "| model | crops | recipe | held-out top-1 | osc. low-bit | frozen | wall | run |",
                   "|---|---|---|---|---|---|---|---|"]
         for p in sorted(pilots, key=lambda p: (p["model"], p["crops"], -(p["final_acc"] or 0))):
-            lines.append(f"| {p['model']} | {p['crops']:,} | `{p['recipe'] or 'lsq'}` | {_fmt(p['final_acc'])} | "
-                         f"{_fmt(p['osc_lowbit'], 4)} | {_fmt(p['frozen'], 4)} | {p['wall_s'] / 60:.1f} min | "
+            lines.append(f"| {p['model']} | {p['crops']:,} | `{p['recipe'] or 'lsq'}` | {fmt(p['final_acc'])} | "
+                         f"{fmt(p['osc_lowbit'], 4)} | {fmt(p['frozen'], 4)} | {p['wall_s'] / 60:.1f} min | "
                          f"`{p['name']}` |")
     if doc["missing"]:
         lines += ["", f"Not finished yet ({len(doc['missing'])}): " + ", ".join(f"`{m}`" for m in doc["missing"])]
@@ -766,9 +436,9 @@ def write_results(args: argparse.Namespace, runs: list[Run], store: Path, out: P
     doc = summarize(args, study, results, command)
     pilots = pilot_table(store)
     doc["pilots"] = pilots
-    _write_atomic(out / "accuracy_v2.json", json.dumps(doc, indent=1))
+    write_atomic(out / "accuracy_v2.json", json.dumps(doc, indent=1))
     findings = out / "accuracy_v2_findings.md"
-    _write_atomic(out / "accuracy_v2.md", markdown(doc, pilots, findings.read_text() if findings.is_file() else None))
+    write_atomic(out / "accuracy_v2.md", markdown(doc, pilots, findings.read_text() if findings.is_file() else None))
     plot(doc, pilots, out / "accuracy_v2.png")
     return doc
 
@@ -824,24 +494,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for r in runs:
             res = stored(r, store)
-            print(f"  {r.name:44s} {r.group:9s} {'done ' + _fmt(res['final_acc']) if res else 'to do'}")
+            print(f"  {r.name:44s} {r.group:9s} {'done ' + fmt(res['final_acc']) if res else 'to do'}")
         return 0
     failed = 0
     if args.worker is not None:
         return 1 if work_loop(runs, store, work, f"worker {args.worker}") else 0
     if not args.report_only:
         todo = [r for r in runs if stored(r, store) is None]
-        _log(work, f"{'pilots' if args.pilots else 'study'}: {len(runs)} runs, {len(todo)} to do, {args.jobs} "
+        log(work, f"{'pilots' if args.pilots else 'study'}: {len(runs)} runs, {len(todo)} to do, {args.jobs} "
                    f"worker(s) x {args.threads} thread(s)")
         if args.jobs > 1:
-            codes = spawn(args, argv, work)
+            codes = spawn(args, argv, work, Path(__file__))
             failed = sum(c != 0 for c in codes)
-            _log(work, f"workers finished with exit codes {codes}")
+            log(work, f"workers finished with exit codes {codes}")
         else:
-            clear_stale_claims(work)
+            clear_stale_claims(work, b"accuracy_v2")
             failed = work_loop(runs, store, work, "worker 0")
     doc = write_results(args, runs, store, out, command)
-    _log(work, f"wrote {out / 'accuracy_v2.json'}, .md, .png; {len(doc['missing'])} study run(s) not finished")
+    log(work, f"wrote {out / 'accuracy_v2.json'}, .md, .png; {len(doc['missing'])} study run(s) not finished")
     return 1 if failed else 0
 
 

@@ -103,13 +103,14 @@ def test_only_the_claims_of_finished_workers_are_cleared(tmp_path):
         for name, pid in (("a", live.pid), ("b", int(dead.stdout)), ("c", other.pid), ("d", "")):
             (tmp_path / name).mkdir()
             (tmp_path / name / "claim").write_text(str(pid))
-        acc.clear_stale_claims(tmp_path)
+        acc.clear_stale_claims(tmp_path, b"accuracy_v2")
         assert sorted(p.parent.name for p in tmp_path.glob("*/claim")) == ["a"]
     finally:
         live.kill()
         other.kill()
-    run = acc.Run("r", "mini_deit", "main", "", 2, 0, argparse.Namespace(out=str(tmp_path / "r")))
-    assert acc.claim(run) and not acc.claim(run)
+    runs = sys.modules["study_runs"]  # the shared runner the script imports
+    run = runs.Run("r", "mini_deit", "main", "", 2, 0, argparse.Namespace(out=str(tmp_path / "r")))
+    assert runs.claim(run) and not runs.claim(run)
     assert (tmp_path / "r" / "claim").read_text() == str(os.getpid())
 
 

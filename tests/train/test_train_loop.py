@@ -218,6 +218,16 @@ def test_qat_from_precomputed_soft_labels(tmp_path):
     labels = tmp_path / "labels.safetensors"
     assert main(["--threads", "1", "softlabels", "--teacher", str(teacher / "last.safetensors"), "--out",
                  str(labels), "--crops", "4", "--top-k", "3", "--limit", "256", "--batch-size", "256"]) == 0
+    from vvtq.distill import SoftLabelFile
+
+    assert SoftLabelFile(labels).meta["scale"] == list(TrainConfig.from_yaml(FP).crop_scale)  # the teacher's crops
+    narrow = tmp_path / "narrow.safetensors"
+    assert main(["--threads", "1", "softlabels", "--teacher", str(teacher / "last.safetensors"), "--out", str(narrow),
+                 "--crops", "1", "--limit", "8", "--crop-scale", "0.7", "1"]) == 0
+    assert SoftLabelFile(narrow).meta["scale"] == [0.7, 1.0]
+    assert main(["--threads", "1", "softlabels", "--teacher", str(teacher / "last.safetensors"), "--out",
+                 str(tmp_path / "bad.safetensors"), "--limit", "8", "--crop-scale", "0", "1"]) != 0
+    assert not (tmp_path / "bad.safetensors").exists()
     sets = TINY + QAT + [f"init_from={teacher / 'last.safetensors'}", "num_crops=2",
                          f"teacher={{source: file, softlabels: {labels}}}", "max_steps=3"]
     result = train(TrainConfig.from_yaml(FP, sets + [f"out={tmp_path / 'q'}"]))

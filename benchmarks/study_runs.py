@@ -1,0 +1,218 @@
+"""Resumable studies of many training runs: a run's identity, claiming it, training it, storing its result.
+
+A finished run is ``STORE/<name>.json`` plus its metrics (gzip JSONL), committed with the results; an unfinished one
+continues bit-exactly from ``WORK/<name>/last.safetensors``. ``spawn`` starts worker processes that claim runs one
+at a time (``WORK/<name>/claim``), so no worker ever waits for another. Used by ``accuracy_v2.py`` and ``cifar10.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StudyError(RuntimeError):
+    """The plan, a stored result or an input does not fit."""
+
+
+@dataclass
+class Run:
+    name: str
+    model: str
+    group: str  # pilot, main, ablation, bits
+    recipe: str  # factor string
+    bits: int
+    seed: int
+    cfg: Any  # TrainConfig
+    aliases: set[str] = field(default_factory=set)  # every recipe string planned as this same training
+
+    def is_(self, model: str, recipe: str, bits: int, seed: int) -> bool:
+        return (self.model, self.bits, self.seed) == (model, bits, seed) and recipe in self.aliases | {self.recipe}
+
+
+def signature(cfg: dict[str, Any]) -> str:
+    """What makes two runs the same training: the config without bookkeeping, defaults dropped."""
+    from vvtq.train import TrainConfig
+
+    default = TrainConfig().to_dict()
+    keep = {k: v for k, v in relative(cfg).items() if k not in ("out", "progress", "ckpt_every_steps", "log_every")
+            and plain(default.get(k, object())) != v}
+    return json.dumps(keep, sort_keys=True)
+
+
+def plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def relative(obj: Any) -> Any:
+    """``obj`` (JSON-able) with every path inside the repository written relative to it: results are portable."""
+    return json.loads(json.dumps(obj).replace(json.dumps(str(ROOT) + os.sep)[1:-1], ""))
+
+
+
+# --------------------------------------------------------------------------- running
+def log(work: Path, msg: str) -> None:
+    line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "progress.log", "a") as f:
+        f.write(line + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def stored(run: Run, store: Path) -> dict[str, Any] | None:
+    """The finished result of ``run`` in the store, or None; a stored result of another config is an error."""
+    path = store / f"{run.name}.json"
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    if signature(res["config"]) != signature(run.cfg.to_dict()):
+        raise StudyError(f"{path} holds a run of another config; move it away to rerun {run.name}")
+    return res
+
+
+def claim(run: Run) -> bool:
+    """Take ``run`` for this worker (atomic create, holding its pid); False if another worker has it."""
+    run_dir = Path(run.cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(run_dir / "claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def clear_stale_claims(work: Path, marker: bytes) -> None:
+    """Remove the claims of workers that no longer run (another invocation's live workers keep theirs). A claim
+    without a pid, with this process's own, or whose pid now belongs to another program is stale."""
+    for c in work.glob("*/claim"):
+        try:
+            pid = int(c.read_text() or 0)
+        except ValueError:
+            pid = 0
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if pid > 0 and pid != os.getpid() and _alive(pid) and (not cmdline.parent.is_dir() or
+                                                              marker in cmdline.read_bytes()):
+            continue
+        c.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _osc_last(metrics: Path, key: str) -> float | None:
+    value = None
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        rec = json.loads(line)
+        if rec.get("type") == "step" and key in rec:
+            value = float(rec[key])
+    return value
+
+
+def execute(run: Run, store: Path, work: Path) -> dict[str, Any] | None:
+    """Train (or continue) one run and store its result; None if it failed (the study goes on)."""
+    import yaml
+
+    from vvtq.train import train
+
+    out = Path(run.cfg.out)
+    resume = (out / "last.safetensors").is_file()
+    if resume:
+        old = yaml.safe_load((out / "config.yaml").read_text())
+        if signature(old) != signature(run.cfg.to_dict()):
+            raise StudyError(f"{out} holds an unfinished run of another config; delete it to rerun {run.name}")
+    t0 = time.time()
+    try:
+        res = train(run.cfg, resume=resume)
+    except Exception as exc:  # reported; the other runs go on
+        log(work, f"FAILED {run.name}: {type(exc).__name__}: {exc}")
+        write_atomic(out / "failed.txt", f"{type(exc).__name__}: {exc}\n")
+        return None
+    metrics = out / "metrics.jsonl"
+    result = {"name": run.name, "model": run.model, "group": run.group, "recipe": run.recipe, "bits": run.bits,
+              "seed": run.seed, "num_crops": run.cfg.num_crops, "steps": res["step"],
+              "crops": res["step"] * run.cfg.batch_size, "scored_on": run.cfg.val_split,
+              "final_acc": res["final_acc"], "best_acc": res["best_acc"], "wall_s": round(time.time() - t0, 1),
+              "resumed": resume, "osc_lowbit": _osc_last(metrics, "osc/lowbit"),
+              "osc_overall": _osc_last(metrics, "osc/overall"), "frozen": _osc_last(metrics, "osc/frozen"),
+              "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0), "config": relative(run.cfg.to_dict())}
+    store.mkdir(parents=True, exist_ok=True)
+    with open(metrics, "rb") as src, gzip.open(store / f"{run.name}.metrics.jsonl.gz.tmp", "wb") as g:
+        shutil.copyfileobj(src, g)
+    os.replace(store / f"{run.name}.metrics.jsonl.gz.tmp", store / f"{run.name}.metrics.jsonl.gz")
+    write_atomic(store / f"{run.name}.json", json.dumps(result, indent=1))
+    return result
+
+
+def work_loop(runs: list[Run], store: Path, work: Path, worker: str) -> int:
+    """Claim and train runs until none is left; returns the number that failed."""
+    failed = 0
+    for i, run in enumerate(runs, 1):
+        if stored(run, store) is not None or not claim(run):
+            continue
+        log(work, f"{worker} [{i}/{len(runs)}] {run.name}: starting"
+                   + (" (continuing)" if (Path(run.cfg.out) / "last.safetensors").is_file() else ""))
+        res = execute(run, store, work)
+        if res is None:
+            failed += 1
+            continue
+        log(work, f"{worker} [{i}/{len(runs)}] {run.name}: {res['scored_on']} top-1 {res['final_acc']:.2f}% "
+                   f"osc {res['osc_lowbit']} in {res['wall_s']:.0f} s")
+    return failed
+
+
+def spawn(args: argparse.Namespace, argv: list[str], work: Path, script: Path) -> list[int]:
+    """``args.jobs`` processes of ``script`` (``argv`` plus ``--worker K``), each claiming runs; stale claims (no
+    worker runs now) are cleared first."""
+    clear_stale_claims(work, script.name.encode())
+    cleaned, skip = [], False
+    for a in argv:
+        if skip or a == "--jobs":
+            skip = not skip
+            continue
+        if not a.startswith("--jobs="):
+            cleaned.append(a)
+    procs = []
+    for k in range(args.jobs):
+        with open(work / f"worker{k}.log", "a") as log_file:
+            procs.append(subprocess.Popen([sys.executable, str(script.resolve()), *cleaned, "--worker",
+                                           str(k)], stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+                                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}))
+        log(work, f"worker {k}: pid {procs[-1].pid}, log {work / f'worker{k}.log'}")
+    return [p.wait() for p in procs]
+
+
+# --------------------------------------------------------------------------- results
+def mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return round(statistics.fmean(vals), 3) if vals else None
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
