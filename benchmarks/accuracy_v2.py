@@ -20,14 +20,11 @@ so no worker ever waits for another.
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import json
 import math
 import os
 import platform
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -39,8 +36,10 @@ from study_factors import Context, StudyError, apply_factors, describe, parse_fa
 from study_runs import (  # noqa: E402
     ROOT,
     Run,
+    checkpoint_accuracy,
     clear_stale_claims,
     fmt,
+    gzip_copy,
     log,
     mean,
     signature,
@@ -237,37 +236,13 @@ def ship_teacher(out: Path, model: str) -> Path:
 
     TEACHERS.mkdir(parents=True, exist_ok=True)
     dst = copy_weights(out / "last.safetensors", teacher_path(model))
-    with open(out / "metrics.jsonl", "rb") as src, gzip.open(TEACHERS / f"{model}_fp.metrics.jsonl.gz", "wb") as g:
-        shutil.copyfileobj(src, g)
+    gzip_copy(out / "metrics.jsonl", TEACHERS / f"{model}_fp.metrics.jsonl.gz")
     return dst
 
 
 def teacher_accuracy(model: str, split: str = "test", limit: int | None = None) -> float:
-    """Top-1 (%) of a shipped teacher on ``split`` (its first ``limit`` images), cached beside it by the file's
-    hash."""
-    import torch
-
-    from vvtq.data.splits import eval_split
-    from vvtq.train import evaluate, load_model
-    from vvtq.train.loop import eval_loader
-
-    path = teacher_path(model)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    cache = TEACHERS / "accuracy.json"
-    data = json.loads(cache.read_text()) if cache.is_file() else {}
-    key = f"{model}:{split}:{digest}" + (f":{limit}" if limit else "")
-    if key not in data:
-        from vvtq.data import SubsetImageDataset
-        from vvtq.spec import data_source
-
-        net, meta = load_model(path)
-        src = data_source(meta)
-        base = eval_split(src.data, split, src.root, HOLDOUT)
-        if limit:
-            base = SubsetImageDataset(base, range(min(limit, len(base))))
-        data[key] = evaluate(net, eval_loader(base, meta["img_size"]), torch.device("cpu"))["acc"]
-        write_atomic(cache, json.dumps(data, indent=1, sort_keys=True))
-    return data[key]
+    """Top-1 (%) of a shipped teacher on ``split`` (its first ``limit`` images), cached beside it."""
+    return checkpoint_accuracy(teacher_path(model), split, HOLDOUT, TEACHERS / "accuracy.json", model, limit)
 
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -162,10 +163,7 @@ def execute(run: Run, store: Path, work: Path) -> dict[str, Any] | None:
               "resumed": resume, "osc_lowbit": _osc_last(metrics, "osc/lowbit"),
               "osc_overall": _osc_last(metrics, "osc/overall"), "frozen": _osc_last(metrics, "osc/frozen"),
               "threads": int(os.environ.get("OMP_NUM_THREADS", "0") or 0), "config": relative(run.cfg.to_dict())}
-    store.mkdir(parents=True, exist_ok=True)
-    with open(metrics, "rb") as src, gzip.open(store / f"{run.name}.metrics.jsonl.gz.tmp", "wb") as g:
-        shutil.copyfileobj(src, g)
-    os.replace(store / f"{run.name}.metrics.jsonl.gz.tmp", store / f"{run.name}.metrics.jsonl.gz")
+    gzip_copy(metrics, store / f"{run.name}.metrics.jsonl.gz")
     write_atomic(store / f"{run.name}.json", json.dumps(result, indent=1))
     return result
 
@@ -216,3 +214,38 @@ def mean(values: list[float | None]) -> float | None:
 
 def fmt(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
+
+
+def gzip_copy(src: Path, dst: Path, unzip: bool = False) -> None:
+    """Write ``src`` gzipped to ``dst`` (or, with ``unzip``, ``src`` gunzipped), atomically."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    with (gzip.open if unzip else open)(src, "rb") as f, (open if unzip else gzip.open)(tmp, "wb") as g:
+        shutil.copyfileobj(f, g)
+    os.replace(tmp, dst)
+
+
+def checkpoint_accuracy(path: Path, split: str, holdout: int, cache: Path, name: str,
+                        limit: int | None = None) -> float:
+    """Top-1 (%) of the FP checkpoint ``path`` on ``split`` of its own dataset (``holdout`` images held out; the
+    first ``limit`` images only), cached in ``cache`` under ``name`` and the file's hash."""
+    import torch
+
+    from vvtq.data import SubsetImageDataset
+    from vvtq.data.splits import eval_split
+    from vvtq.spec import data_source
+    from vvtq.train import evaluate, load_model
+    from vvtq.train.loop import eval_loader
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    data = json.loads(cache.read_text()) if cache.is_file() else {}
+    key = f"{name}:{split}:{digest}" + (f":{limit}" if limit else "")
+    if key not in data:
+        net, meta = load_model(path)
+        src = data_source(meta)
+        base = eval_split(src.data, split, src.root, holdout)
+        if limit:
+            base = SubsetImageDataset(base, range(min(limit, len(base))))
+        data[key] = evaluate(net, eval_loader(base, meta["img_size"]), torch.device("cpu"))["acc"]
+        write_atomic(cache, json.dumps(data, indent=1, sort_keys=True))
+    return data[key]

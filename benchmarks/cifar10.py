@@ -1,0 +1,493 @@
+"""The CIFAR-10 study (issue #27): does the method help where it claims to, a strong teacher and a student that 2 bits
+hurt? W2A2 recipes against the LSQ baseline on mini DeiT and mini Swin, 32 px RGB photographs.
+
+    python benchmarks/cifar10.py --list                           # the plan: every run, done or not
+    nohup python benchmarks/cifar10.py --pilots --jobs 2 > runs/cifar10_pilots.log 2>&1 &   # held-out pilots
+    nohup python benchmarks/cifar10.py --jobs 2 > runs/cifar10.log 2>&1 &                   # the study (test set)
+    python benchmarks/cifar10.py --report-only                    # rewrite the results from the finished runs
+    python benchmarks/cifar10.py --quick --data DIR --models-dir DIR ...   # smoke test (tests/)
+
+What a run needs comes first, each made once and kept: the CNN teacher (``cifar10_teacher_fp``) and the FP students
+(``cifar10_mini_*_fp``, continued from their committed checkpoints when those exist) under
+``benchmarks/results/cifar10_models``, then the teacher's soft-label file (``vvtq softlabels``: ``SOFT_CROPS`` crops
+of every training image at the teacher's own crop scale, seeded, so it is regenerated rather than committed). Every
+run trains on the 45,000 training images left after holding out 5,000 (``holdout``, a fixed choice) and sees the
+same crops in the same steps of 128; pilots are scored on the held-out images and chose the recipes, the study's
+runs on the 10,000 test images. A recipe is the LSQ baseline plus factors (``study_factors``), written ``kd+crops=4``;
+here ``kd`` is the teacher's soft-label file. Runs are resumable and shared out to ``--jobs`` workers
+(``study_runs``); finished ones live in ``benchmarks/results/cifar10_runs`` with their gzip JSONL metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this script
+from study_factors import FACTORS, Context, StudyError, apply_factors, describe, recipe_key  # noqa: E402
+from study_runs import (  # noqa: E402
+    ROOT,
+    Run,
+    checkpoint_accuracy,
+    clear_stale_claims,
+    fmt,
+    gzip_copy,
+    log,
+    mean,
+    relative,
+    signature,
+    spawn,
+    stored,
+    work_loop,
+    write_atomic,
+)
+
+CONFIGS = ROOT / "src" / "vvtq" / "recipes"
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS_DIR = RESULTS / "cifar10_models"
+DATA = "../shared/data/cifar10"  # relative to the repository root, as the recipes give it
+MODELS = ("mini_deit", "mini_swin")
+FP_RECIPES = {"teacher": "cifar10_teacher_fp", "mini_deit": "cifar10_mini_deit_fp",
+              "mini_swin": "cifar10_mini_swin_fp"}
+SHIPPED = {"teacher": "cifar_resnet_teacher", "mini_deit": "cifar10_mini_deit_fp", "mini_swin": "cifar10_mini_swin_fp"}
+HOLDOUT = 5000
+TEST = "val"  # the folder of the 10,000 test images (ImageNet-style naming)
+TRAIN_IMAGES = 50_000 - HOLDOUT
+BATCH = 128  # crops a step, whatever the crops per image
+STUDY_CROPS = 250_000  # per run: 1,954 steps of 128 crops (5.6 passes over the 45,000 images at 1 crop an image)
+PILOT_CROPS = 64_000  # per pilot: 500 steps
+QUICK_CROPS = 256
+WARMUP_FRAC = 0.025  # of a run's steps
+BASE_LR = 5e-4  # the LSQ baseline's lr (the published one; the pilots 'lr=...' ask whether another is better)
+SOFT_CROPS = 10  # crops stored per image in the soft-label file
+SEEDS = (0, 1, 2)
+
+# the recipes the study reports (factor strings on the LSQ baseline)
+RECIPES = {
+    "lsq": ("LSQ baseline (hard labels)", ""),
+    "kd": ("+ the teacher's soft labels, 1 crop", "kd"),
+    "kd2": ("+ 2 crops an image", "kd+crops=2"),
+    "kd4": ("+ 4 crops an image", "kd+crops=4"),
+    "paper": ("published VVTQ recipe", "kd+crops=4+md+reg"),
+    "vvtq": ("today's shipped vvtq recipe (module-dependent quantizers at twice the lr)", "lr=1e-3+md"),
+    "best": ("the best the pilots found", "kd+md"),
+}
+ROWS = {"mini_deit": tuple(RECIPES), "mini_swin": ("lsq", "paper", "best")}
+# pilots: W2A2, seed 0, PILOT_CROPS, held-out images; in order of priority
+PILOTS = ("", "kd", "lr=1e-3", "lr=2.5e-4", "kd+crops=4", "md", "kd+md", "kd+crops=2", "kd+crops=4+md+reg",
+          "lr=1e-3+md", "tcrop", "kd+hard=0.5", "kd+lr=1e-3", "kd+md+lr=1e-3")
+
+
+def _f_kd(spec: dict, ctx: Context, v: str | None) -> None:
+    spec["teacher"] = {**ctx.kd, **{k: x for k, x in (spec.get("teacher") or {}).items() if k == "hard_weight"}}
+    spec["crop_scale"] = list(ctx.kd_scale)  # the file's crops: the recipe's own scale would not be used
+
+
+def _f_tcrop(spec: dict, ctx: Context, v: str | None) -> None:
+    spec["crop_scale"] = list(ctx.kd_scale)
+
+
+# this study's factors: the shared ones, 'kd' reading the soft-label file, and no second or third teacher
+CIFAR_FACTORS = {k: v for k, v in FACTORS.items() if k not in ("ens", "cnn", "wide", "sgelu")} | {
+    "kd": ("soft labels of the CNN teacher from the soft-label file (its crops: the teacher's crop scale)", _f_kd),
+    "tcrop": ("hard labels on crops of the teacher's scale (the FP students' are [0.35, 1])", _f_tcrop),
+}
+
+
+# --------------------------------------------------------------------------- the plan
+def model_path(key: str, models_dir: Path) -> Path:
+    return models_dir / f"{SHIPPED[key]}.safetensors"
+
+
+def build_cfg(model: str, bits: int, recipe: str, seed: int, crops: int, scored_on: str, name: str,
+              ctx: Context, args: argparse.Namespace) -> Any:
+    """One run's TrainConfig: the model's LSQ recipe on CIFAR-10 (its FP student's data and shape), the factors,
+    then the study's common settings. Bits 32: the FP student trained on, unquantized (the ceiling rows)."""
+    from vvtq.train import TrainConfig
+
+    fp = TrainConfig.from_recipe(FP_RECIPES[model])
+    spec = TrainConfig.from_recipe(f"{model}_w{2 if bits == 32 else bits}a{2 if bits == 32 else bits}_lsq").to_dict()
+    spec.update(data=args.data, img_size=fp.img_size, model_kwargs=dict(fp.model_kwargs), holdout=holdout(args),
+                crop_scale=list(fp.crop_scale), lr=BASE_LR)
+    lsq_quant = spec["quant"]
+    apply_factors(spec, recipe, ctx, CIFAR_FACTORS)
+    if bits == 32:
+        if spec["quant"] != lsq_quant:
+            raise StudyError(f"an FP row (bits 32) takes no quantizer factor; got {recipe!r}")
+        spec["quant"] = None
+    images, batch = (QUICK_IMAGES, QUICK_BATCH) if args.quick else (TRAIN_IMAGES, BATCH)
+    steps = math.ceil(crops / batch)  # the same steps of the same 128 crops, whatever the crops an image
+    steps_per_epoch = images // (batch // spec["num_crops"])
+    spec.update(out=str(Path(args.work) / name), seed=seed, progress=False, init_from=ctx.teacher,
+                val_split=scored_on, ckpt_every_steps=100, log_every=20, batch_size=batch,
+                epochs=(steps - 1e-6) / steps_per_epoch,  # the loop takes ceil(epochs * steps_per_epoch) steps
+                warmup_epochs=max(1, round(steps * WARMUP_FRAC)) / steps_per_epoch)
+    if bits == 2:
+        spec["oscillation"] = {"every": 1, **(spec.get("oscillation") or {})}
+    if args.quick:
+        spec.update(val_subset=100, calib_batches=1)
+    return TrainConfig.from_dict(spec)
+
+
+# --quick: the tiny folder the test writes (120 training images, 24 held out), batches of 32 crops
+QUICK_IMAGES, QUICK_HOLDOUT, QUICK_BATCH = 96, 24, 32
+
+
+def holdout(args: argparse.Namespace) -> int:
+    return QUICK_HOLDOUT if args.quick else HOLDOUT
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+    """Every run asked for, most important first, deduplicated by config (a shared run keeps its first name)."""
+    runs: list[Run] = []
+    seen: dict[str, Run] = {}
+    softlabels, scale = str(softlabel_path(args)), teacher_crop_scale(args)
+
+    def add(model: str, group: str, recipe: str, bits: int, seed: int, crops: int, scored_on: str) -> None:
+        ctx = Context(model, str(model_path(model, Path(args.models_dir))), None, None,
+                      {"source": "file", "softlabels": softlabels}, scale)
+        if group == "pilot":
+            prefix = f"pilot{crops // 1000}k_" if crops not in (PILOT_CROPS, QUICK_CROPS) else "pilot_"
+            name = f"{prefix}{model}_{recipe_key(recipe)}_w{bits}a{bits}_s{seed}"
+        elif bits == 32:
+            name = f"{model}_fp_trained_on_{'kd' if recipe else 'hard'}_s{seed}"
+        else:
+            name = f"{model}_{recipe_key(recipe)}_w{bits}a{bits}_s{seed}"
+        cfg = build_cfg(model, bits, recipe, seed, crops, scored_on, name, ctx, args)
+        key = signature(cfg.to_dict())
+        if key in seen:
+            seen[key].aliases.add(recipe)
+            return
+        seen[key] = Run(name, model, group, recipe, bits, seed, cfg)
+        runs.append(seen[key])
+
+    quick = QUICK_CROPS if args.quick else None
+    if args.pilots:
+        for recipe in args.recipes or PILOTS:
+            for model in args.models:
+                add(model, "pilot", recipe, 2, 0, quick or args.pilot_crops, "holdout")
+        return runs
+    crops = quick or STUDY_CROPS
+    # the headline first, seed by seed: baseline and best on both students; then the ceilings; the other rows;
+    # the W4A4 / W3A3 rows last
+    for seed in args.seeds:
+        for model in args.models:
+            for key in ("lsq", "best"):
+                add(model, "main", RECIPES[key][1], 2, seed, crops, TEST)
+    for model in args.models:
+        for recipe in ("", "kd"):
+            add(model, "ceiling", recipe, 32, args.seeds[0], crops, TEST)
+    for seed in args.seeds:
+        for model in args.models:
+            for key in ROWS[model]:
+                add(model, "main", RECIPES[key][1], 2, seed, crops, TEST)
+    for bits in (4, 3):
+        for model in args.models:
+            for key in ("lsq", "best"):
+                add(model, "bits", RECIPES[key][1], bits, args.seeds[0], crops, TEST)
+    return runs
+
+
+# --------------------------------------------------------------------------- what the runs start from
+def softlabel_path(args: argparse.Namespace) -> Path:
+    return Path(args.work) / f"softlabels_{SOFT_CROPS}crops.safetensors"
+
+
+def teacher_crop_scale(args: argparse.Namespace) -> tuple[float, float]:
+    """The crop scale the shipped teacher was trained on (its recipe's until it is trained): the soft-label file's."""
+    from vvtq.checkpoint import read_meta
+    from vvtq.train import TrainConfig
+
+    path = model_path("teacher", Path(args.models_dir))
+    recorded = (read_meta(path).get("train_config") or {}).get("crop_scale") if path.is_file() else None
+    return tuple(recorded or TrainConfig.from_recipe(FP_RECIPES["teacher"]).crop_scale)
+
+
+def _fp_command(key: str, out: Path, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "vvtq", "--threads", str(args.threads), "train", "--config", FP_RECIPES[key],
+           "--set", f"out={out}", "--set", f"data={args.data}", "--set", "progress=false", "--set",
+           "ckpt_every_steps=100"]
+    if args.quick:
+        cmd += ["--set", f"holdout={QUICK_HOLDOUT}", "--set", f"batch_size={QUICK_BATCH}", "--set", "epochs=1",
+                "--set", "max_steps=2", "--set", "val_subset=50", "--set", "amp=fp32"]
+    return cmd + (["--resume"] if (out / "last.safetensors").is_file() else [])
+
+
+def ensure_inputs(args: argparse.Namespace) -> None:
+    """Train (one process each, side by side) and ship the FP models that are missing, continuing from a
+    committed resume checkpoint where there is one; then make the soft-label file if it is missing."""
+    from vvtq.demo import ship_teacher
+
+    work, models_dir = Path(args.work), Path(args.models_dir)
+    procs = []
+    for key in FP_RECIPES:
+        if model_path(key, models_dir).is_file():
+            continue
+        out = work / "fp" / key
+        resume = models_dir / f"{SHIPPED[key]}.resume.safetensors"
+        if resume.is_file() and not (out / "last.safetensors").is_file():  # the committed run continues
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(resume, out / "last.safetensors")
+            gzip_copy(models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz", out / "metrics.jsonl", unzip=True)
+        log_path = work / "fp" / f"{key}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log_file:
+            procs.append((key, out, subprocess.Popen(_fp_command(key, out, args), stdout=log_file,
+                                                     stderr=subprocess.STDOUT, cwd=ROOT)))
+        log(work, f"training FP {key} (log {log_path})")
+    for key, out, p in procs:
+        if p.wait() != 0:
+            raise StudyError(f"FP {key} failed: see {work / 'fp' / f'{key}.log'}")
+        ship_teacher(out / "last.safetensors", model_path(key, models_dir))
+        gzip_copy(out / "metrics.jsonl", models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz")
+        log(work, f"shipped {model_path(key, models_dir)}")
+    labels = softlabel_path(args)
+    if not labels.is_file():
+        t0 = time.time()
+        cmd = [sys.executable, "-m", "vvtq", "--threads", str(args.threads), "softlabels", "--teacher",
+               str(model_path("teacher", models_dir)), "--out", str(labels), "--crops", str(SOFT_CROPS),
+               "--top-k", "10", "--seed", "0"]
+        log(work, f"soft labels: {shlex.join(cmd[1:])}")
+        if subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
+            raise StudyError(f"soft labels failed: {shlex.join(cmd)}")
+        write_atomic(labels.with_suffix(".json"), json.dumps({
+            "command": shlex.join(["vvtq", *cmd[3:]]).replace(str(ROOT) + os.sep, ""), "wall_s": round(time.time()
+                                                                                                    - t0, 1),
+            "bytes": labels.stat().st_size, "threads": args.threads}, indent=1))
+        log(work, f"soft labels: {labels.stat().st_size / 1e6:.1f} MB in {time.time() - t0:.0f} s")
+
+
+def fp_accuracy(key: str, split: str, args: argparse.Namespace) -> float | None:
+    path = model_path(key, Path(args.models_dir))
+    if not path.is_file():
+        return None
+    return checkpoint_accuracy(path, split, holdout(args), Path(args.models_dir) / "accuracy.json", key,
+                               limit=100 if args.quick else None)
+
+
+# --------------------------------------------------------------------------- results
+def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict], command: str) -> dict[str, Any]:
+    import timm
+    import torch
+
+    def find(model: str, recipe: str, bits: int, seed: int) -> float | None:
+        for r in runs:
+            if r.is_(model, recipe, bits, seed) and r.name in results:
+                return results[r.name]["final_acc"]
+        return None
+
+    summary: dict[str, Any] = {}
+    for model in args.models:
+        row: dict[str, Any] = {"fp": fp_accuracy(model, TEST, args), "fp_holdout": fp_accuracy(model, "holdout",
+                                                                                                   args)}
+        for key, (_, recipe) in RECIPES.items():
+            seeds = [find(model, recipe, 2, s) for s in args.seeds]
+            row[f"{key}.w2a2"], row[f"{key}_w2a2_seeds"] = mean(seeds), seeds
+            for bits in (4, 3):
+                row[f"{key}.w{bits}a{bits}"] = find(model, recipe, bits, args.seeds[0])
+        row["fp_trained_on"] = find(model, "", 32, args.seeds[0])
+        row["fp_kd_trained_on"] = find(model, "kd", 32, args.seeds[0])
+        row["crops_per_run"] = QUICK_CROPS if args.quick else STUDY_CROPS
+        summary[model] = row
+    labels = softlabel_path(args).with_suffix(".json")
+    return {"command": command, "quick": args.quick, "summary": summary,
+            "teacher": {"name": f"cifar_resnet ({FP_RECIPES['teacher']})", "top1": fp_accuracy("teacher", TEST, args),
+                        "holdout": fp_accuracy("teacher", "holdout", args),
+                        "file": relative(str(model_path("teacher", Path(args.models_dir))))},
+            "softlabels": json.loads(labels.read_text()) if labels.is_file() else None,
+            "recipes": {k: {"label": v[0], "factors": v[1] or "lsq", "description": describe(v[1], CIFAR_FACTORS)}
+                        for k, v in RECIPES.items()},
+            "budget": {"crops_per_run": QUICK_CROPS if args.quick else STUDY_CROPS, "batch_size_crops": BATCH,
+                       "pilot_crops": PILOT_CROPS, "warmup_frac": WARMUP_FRAC, "holdout": HOLDOUT,
+                       "base_lr": BASE_LR, "rule": "epochs = crops / (45,000 x crops an image): equal steps and crops"},
+            "seeds": list(args.seeds),
+            "runs": {r.name: {k: v for k, v in results[r.name].items() if k != "config"} for r in runs
+                     if r.name in results},
+            "missing": [r.name for r in runs if r.name not in results],
+            "wall_s_total": round(sum(results[r.name]["wall_s"] for r in runs if r.name in results), 1),
+            "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpus": os.cpu_count(),
+            "units": "final top-1 (%) after the last step; study runs on the 10,000 test images"}
+
+
+def pilot_table(store: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(store.glob("pilot*.json")):
+        r = json.loads(path.read_text())
+        rows.append({k: r.get(k) for k in ("name", "model", "recipe", "final_acc", "osc_lowbit", "wall_s", "steps",
+                                            "crops", "num_crops")})
+    return rows
+
+
+def markdown(doc: dict[str, Any], pilots: list[dict[str, Any]], findings: str | None) -> str:
+    t = doc["teacher"]
+    lines = ["# CIFAR-10 study: W2A2 recipes against the LSQ baseline, with a strong CNN teacher", "",
+             f"Command: `{doc['command']}`" + ("  (**quick smoke run: not a result**)" if doc["quick"] else ""), "",
+             f"- Teacher: {t['name']}, test top-1 {fmt(t['top1'])}% (held-out {fmt(t['holdout'])}%), `{t['file']}`.",
+             f"- Every run: {doc['budget']['crops_per_run']:,} crops in steps of {BATCH}, from its FP student, on the "
+             f"45,000 training images left after holding out {HOLDOUT:,}; baseline lr {BASE_LR:g}.",
+             f"- W2A2: mean over seeds {', '.join(map(str, doc['seeds']))}; W4A4 / W3A3 and the ceilings: seed "
+             f"{doc['seeds'][0]}. Final top-1 (%) on the 10,000 test images.",
+             f"- Worker time of the runs so far: {doc['wall_s_total'] / 3600:.1f} h (one thread each)."]
+    if doc.get("softlabels"):
+        s = doc["softlabels"]
+        lines.append(f"- Soft labels: `{s['command']}`: {s['bytes'] / 1e6:.1f} MB in {s['wall_s'] / 60:.1f} min "
+                     f"({s['threads']} thread(s)).")
+    lines += ["", "## Recipes", ""]
+    lines += [f"- **{k}** ({v['label']}): `{v['factors']}`: {v['description']}" for k, v in doc["recipes"].items()]
+    lines += ["", "## Main table", "", "| model | FP | FP trained on (hard / soft) | recipe | W4A4 | W3A3 | W2A2 mean "
+              "| W2A2 per seed |", "|---|---|---|---|---|---|---|---|"]
+    for model, row in doc["summary"].items():
+        for key in ROWS[model]:
+            seeds = row.get(f"{key}_w2a2_seeds") or []
+            lines.append(f"| {model} | {fmt(row['fp'])} | {fmt(row['fp_trained_on'])} / "
+                         f"{fmt(row['fp_kd_trained_on'])} | {key} | {fmt(row[f'{key}.w4a4'])} | "
+                         f"{fmt(row[f'{key}.w3a3'])} | {fmt(row[f'{key}.w2a2'])} | "
+                         f"{' / '.join(fmt(v) for v in seeds)} |")
+    if pilots:
+        lines += ["", "## Pilots (W2A2, seed 0, scored on the 5,000 held-out training images)", "",
+                  "| model | crops | recipe | held-out top-1 | osc. low-bit | wall | run |",
+                  "|---|---|---|---|---|---|---|"]
+        for p in sorted(pilots, key=lambda p: (p["model"], p["crops"], -(p["final_acc"] or 0))):
+            lines.append(f"| {p['model']} | {p['crops']:,} | `{p['recipe'] or 'lsq'}` | {fmt(p['final_acc'])} | "
+                         f"{fmt(p['osc_lowbit'], 4)} | {p['wall_s'] / 60:.1f} min | `{p['name']}` |")
+    if doc["missing"]:
+        lines += ["", f"Not finished yet ({len(doc['missing'])}): " + ", ".join(f"`{m}`" for m in doc["missing"])]
+    lines += ["", "![W2A2 per seed; pilots](cifar10.png)", "", "## Findings", "",
+              findings.strip() if findings else "_Not written yet (cifar10_findings.md)._", ""]
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], pilots: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    x0, ticks = 0, []
+    for model, row in doc["summary"].items():
+        keys = ROWS[model]
+        for j, key in enumerate(keys):
+            seeds = [v for v in row.get(f"{key}_w2a2_seeds") or [] if v is not None]
+            if seeds:
+                ax1.bar(x0 + j, statistics.fmean(seeds), color=f"C{list(RECIPES).index(key)}",
+                        label=key if key not in ax1.get_legend_handles_labels()[1] else None)
+                ax1.plot([x0 + j] * len(seeds), seeds, "k.", ms=4)
+        for value, style in ((row["fp"], ":"), (row["fp_trained_on"], "--"), (row["fp_kd_trained_on"], "-.")):
+            if value is not None:
+                ax1.hlines(value, x0 - 0.5, x0 + len(keys) - 0.5, colors="k", linestyles=style, lw=1)
+        ticks.append((x0 + (len(keys) - 1) / 2, model))
+        x0 += len(keys) + 1
+    ax1.set_xticks([t[0] for t in ticks], [t[1] for t in ticks])
+    vals = [v for row in doc["summary"].values() for k in RECIPES for v in (row.get(f"{k}_w2a2_seeds") or [])
+            if v is not None]
+    if vals:
+        ax1.set_ylim(min(vals) - 3, max([*vals, *(r["fp_kd_trained_on"] or r["fp"] or 0
+                                                 for r in doc["summary"].values())]) + 1)
+    ax1.set_ylabel("W2A2 test top-1 (%)")
+    ax1.set_title("W2A2 (dots: seeds; lines: FP, FP trained on hard / soft)", fontsize=9)
+    if vals:
+        ax1.legend(fontsize=7)
+    ps = sorted((p for p in pilots if p["final_acc"] is not None), key=lambda p: (p["model"], p["final_acc"]))
+    ax2.barh(range(len(ps)), [p["final_acc"] for p in ps],
+             color=["tab:blue" if p["model"] == "mini_deit" else "tab:green" for p in ps])
+    ax2.set_yticks(range(len(ps)), [f"{p['model'][5:]} {p['recipe'] or 'lsq'} ({(p['crops'] or 0) // 1000}k)"
+                                    for p in ps], fontsize=6)
+    if ps:
+        ax2.set_xlim(min(p["final_acc"] for p in ps) - 1, max(p["final_acc"] for p in ps) + 0.5)
+    ax2.set_xlabel("held-out top-1 (%)")
+    ax2.set_title("pilots (W2A2, seed 0)", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=100)
+
+
+def write_results(args: argparse.Namespace, store: Path, out: Path, command: str) -> dict[str, Any]:
+    args = argparse.Namespace(**{**vars(args), "pilots": False, "recipes": None, "models": list(MODELS)})
+    study = plan(args)  # the study's runs, whatever this invocation ran
+    results = {r.name: res for r in study if (res := stored(r, store)) is not None}
+    doc = summarize(args, study, results, command)
+    pilots = pilot_table(store)
+    doc["pilots"] = pilots
+    write_atomic(out / "cifar10.json", json.dumps(doc, indent=1))
+    findings = RESULTS / "cifar10_findings.md"
+    write_atomic(out / "cifar10.md", markdown(doc, pilots, findings.read_text() if findings.is_file() else None))
+    plot(doc, pilots, out / "cifar10.png")
+    return doc
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pilots", action="store_true", help="run the pilots (held-out images) instead of the study")
+    p.add_argument("--recipes", nargs="+", default=None, help="with --pilots: these recipes instead of PILOTS")
+    p.add_argument("--pilot-crops", type=int, default=PILOT_CROPS, help=f"crops per pilot (default {PILOT_CROPS:,})")
+    p.add_argument("--models", nargs="+", default=None, choices=MODELS,
+                   help="the students (default: mini_deit for pilots, both for the study)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--quick", action="store_true", help="a few steps on a tiny folder (smoke test, not a result)")
+    p.add_argument("--data", default=DATA, help=f"the CIFAR-10 folder (default {DATA})")
+    p.add_argument("--models-dir", default=str(MODELS_DIR), help="the FP teacher and students (shipped)")
+    p.add_argument("--work", default=str(ROOT / "runs" / "cifar10"), help="run folders and the soft-label file")
+    p.add_argument("--store", default=str(RESULTS / "cifar10_runs"), help="finished runs")
+    p.add_argument("--out", default=str(RESULTS), help="results folder")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--list", action="store_true", help="print the plan and what is done, then exit")
+    p.add_argument("--report-only", action="store_true", help="write the results from the stored runs")
+    args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    args.models = args.models or (["mini_deit"] if args.pilots else list(MODELS))
+    args.seeds = list(dict.fromkeys(args.seeds))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "benchmarks/cifar10.py", *[a for a in argv if a != "--report-only"]])
+    work, store, out = Path(args.work), Path(args.store), Path(args.out)
+    if args.worker is None and not (args.list or args.report_only):
+        ensure_inputs(args)
+    runs = plan(args)
+    if args.list:
+        for r in runs:
+            res = stored(r, store)
+            print(f"  {r.name:48s} {r.group:8s} {'done ' + fmt(res['final_acc']) if res else 'to do'}")
+        return 0
+    if args.worker is not None:
+        return 1 if work_loop(runs, store, work, f"worker {args.worker}") else 0
+    failed = 0
+    if not args.report_only:
+        todo = [r for r in runs if stored(r, store) is None]
+        log(work, f"{'pilots' if args.pilots else 'study'}: {len(runs)} runs, {len(todo)} to do, {args.jobs} "
+                  f"worker(s) x {args.threads} thread(s)")
+        if args.jobs > 1:
+            codes = spawn(args, argv, work, Path(__file__))
+            failed = sum(c != 0 for c in codes)
+            log(work, f"workers finished with exit codes {codes}")
+        else:
+            clear_stale_claims(work, b"cifar10.py")
+            failed = work_loop(runs, store, work, "worker 0")
+    doc = write_results(args, store, out, command)
+    log(work, f"wrote {out / 'cifar10.json'}, .md, .png; {len(doc['missing'])} study run(s) not finished")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
