@@ -148,13 +148,19 @@ def cmd_softlabels(args: argparse.Namespace) -> int:
     def run(x: torch.Tensor) -> torch.Tensor:
         return teacher(x.to(device)).float().cpu()
 
-    scale = args.crop_scale or (meta.get("train_config") or {}).get("crop_scale") or (0.35, 1.0)
+    recorded = meta.get("train_config") or {}
+    scale = args.crop_scale or recorded.get("crop_scale") or (0.35, 1.0)
+    translate = recorded.get("crop_translate", 0.0) if args.crop_translate is None else args.crop_translate
     if not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"--crop-scale must be LO HI with 0 < LO <= HI <= 1; got {' '.join(map(str, scale))}")
+    if not 0 <= translate < 1:
+        raise ConfigError(f"--crop-translate must be in [0, 1) (a fraction of the image side); got {translate}")
     generate_softlabels(run, base, args.out, num_crops_per_image=args.crops, top_k=args.top_k,
                         out_size=args.img_size or meta["img_size"], mean=meta["mean"], std=meta["std"],
-                        seed=args.seed, batch_size=args.batch_size, progress=True, scale=tuple(scale))
-    print(f"wrote {args.out}: {len(base)} images x {args.crops} crops of area {scale[0]:g}-{scale[1]:g}, "
+                        seed=args.seed, batch_size=args.batch_size, progress=True, scale=tuple(scale),
+                        translate=float(translate))
+    shift = f" shifted by up to {translate:g}" if translate else ""
+    print(f"wrote {args.out}: {len(base)} images x {args.crops} crops of area {scale[0]:g}-{scale[1]:g}{shift}, "
           f"top-{args.top_k}")
     return 0
 
@@ -238,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--img-size", type=int, help="crop size (default: the teacher's)")
     s.add_argument("--crop-scale", type=float, nargs=2, metavar=("LO", "HI"),
                    help="area fraction of the random crops (default: the teacher's own training crops)")
+    s.add_argument("--crop-translate", type=float, metavar="FRAC",
+                   help="shift of the crops, a fraction of the image side (default: the teacher's own)")
     s.add_argument("--data", help="dataset (default: the teacher's)")
     s.add_argument("--data-root")
     s.add_argument("--limit", type=int, help="first N training images only")

@@ -185,3 +185,30 @@ def test_eval_dataset():
     want = normalize(resize_full(base.get_image(1), 12), base.mean, base.std)
     assert torch.equal(x, want)
     assert len(ev) == 3
+
+
+def test_translated_crops_are_shifted_pixels_with_reflected_borders():
+    """``translate``: the pad-and-crop augmentation of the CIFAR-10 ResNets, unresized pixels; the boxes without it
+    are the old ones draw for draw."""
+    from vvtq.data.transforms import item_generator
+
+    img = torch.arange(3 * 8 * 8, dtype=torch.float32).view(3, 8, 8)
+    box = CropBox(-2 / 8, 1 / 8, 1.0, 1.0, flip=False)  # 2 px up, 1 px right, beyond the image
+    want = F.pad(img[None], (0, 1, 2, 0), mode="reflect")[0][:, :8, 1:9]
+    assert torch.equal(apply_crop(img, box, 8), want)
+    far = CropBox(-12 / 8, 0.0, 1.0, 1.0)  # further than the image is tall: the edge repeated
+    assert apply_crop(img, far, 8).shape == (3, 8, 8)
+    assert torch.equal(apply_crop(img, CropBox(0.0, 0.0, 1.0, 1.0, True), 8), img.flip(-1))
+    shifts = set()
+    for i in range(200):
+        plain = sample_crop(item_generator(0, 0, i), (0.35, 1.0))
+        moved = sample_crop(item_generator(0, 0, i), (0.35, 1.0), translate=0.125)
+        assert (plain.h, plain.w, plain.flip) == (moved.h, moved.w, moved.flip)
+        assert abs(moved.y0 - plain.y0) <= 0.125 and abs(moved.x0 - plain.x0) <= 0.125
+        pure = sample_crop(item_generator(0, 0, i), (1.0, 1.0), translate=0.125)
+        assert (pure.h, pure.w) == (1.0, 1.0)
+        shifts.add(round(pure.y0 * 32))
+        assert apply_crop(torch.rand(3, 32, 32), pure, 32).shape == (3, 32, 32)
+    assert shifts == set(range(-4, 5))  # every shift of up to 4 px at 32 px
+    with pytest.raises(ValueError, match="translate"):
+        sample_crop(item_generator(0, 0, 0), translate=1.0)

@@ -223,8 +223,8 @@ def test_qat_from_precomputed_soft_labels(tmp_path):
     assert SoftLabelFile(labels).meta["scale"] == list(TrainConfig.from_yaml(FP).crop_scale)  # the teacher's crops
     narrow = tmp_path / "narrow.safetensors"
     assert main(["--threads", "1", "softlabels", "--teacher", str(teacher / "last.safetensors"), "--out", str(narrow),
-                 "--crops", "1", "--limit", "8", "--crop-scale", "0.7", "1"]) == 0
-    assert SoftLabelFile(narrow).meta["scale"] == [0.7, 1.0]
+                 "--crops", "1", "--limit", "8", "--crop-scale", "0.7", "1", "--crop-translate", "0.125"]) == 0
+    assert SoftLabelFile(narrow).meta["scale"] == [0.7, 1.0] and SoftLabelFile(narrow).meta["translate"] == 0.125
     assert main(["--threads", "1", "softlabels", "--teacher", str(teacher / "last.safetensors"), "--out",
                  str(tmp_path / "bad.safetensors"), "--limit", "8", "--crop-scale", "0", "1"]) != 0
     assert not (tmp_path / "bad.safetensors").exists()
@@ -284,6 +284,7 @@ def test_ensemble_teacher_averages_probabilities_at_each_input_size(tmp_path):
     ("anneal={start: 0.5}", "unknown key.*in anneal: start .*did you mean 'start_frac'"),
     ("anneal={start_frac: 1}", r"start_frac must be in \[0, 1\)"),
     ("single_crop_frac=1", r"single_crop_frac must be in \[0, 1\)"),
+    ("crop_translate=1", r"crop_translate must be in \[0, 1\)"),
     ("teacher={source: none, hard: 1}", "unknown key.*in teacher: hard"),
     ("teacher={source: none, hard_weight: 2}", r"hard_weight must be in \[0, 1\]"),
     ("teacher={source: none, checkpoint: T}", "teacher.checkpoint is set but teacher.source is none"),

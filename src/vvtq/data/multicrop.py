@@ -36,11 +36,13 @@ class MultiCropDataset(Dataset):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         flip_prob: float = 0.5,
+        translate: float = 0.0,
     ) -> None:
         if num_crops < 1:
             raise ValueError(f"num_crops must be >= 1, got {num_crops}")
         self.base, self.num_crops, self.out_size = base, int(num_crops), int(out_size)
         self.scale, self.ratio, self.seed, self.flip_prob = tuple(scale), tuple(ratio), int(seed), flip_prob
+        self.translate = float(translate)
         self.mean = tuple(base.mean if mean is None else mean)
         self.std = tuple(base.std if std is None else std)
         self.epoch = 0
@@ -56,7 +58,8 @@ class MultiCropDataset(Dataset):
         """The K boxes of image ``index`` in the current epoch."""
         g = item_generator(self.seed, self.epoch, index, STREAM_TRAIN_CROPS)
         return [
-            sample_crop(g, self.scale, self.ratio, image_aspect=image_aspect, flip_prob=self.flip_prob)
+            sample_crop(g, self.scale, self.ratio, image_aspect=image_aspect, flip_prob=self.flip_prob,
+                        translate=self.translate)
             for _ in range(self.num_crops)
         ]
 

@@ -95,21 +95,27 @@ def sample_crop(
     image_aspect: float = 1.0,
     flip_prob: float = 0.5,
     attempts: int = 10,
+    translate: float = 0.0,
 ) -> CropBox:
     """Sample a random-resized-crop box in relative coordinates.
 
     ``scale`` bounds the crop's area fraction, ``ratio`` its pixel aspect ratio (w/h) drawn log-uniformly;
     ``image_aspect`` is the image's W/H so that pixel aspect ratios come out right on non-square images.
     After ``attempts`` failures the centre crop (clamped to ``ratio``) is returned, as torchvision does.
+    ``translate`` then shifts the box by up to that fraction of the image side in each direction (the part outside
+    the image is filled by reflection in ``apply_crop``): with ``scale`` (1, 1) this is the pad-and-crop
+    augmentation of the CIFAR-10 ResNets (He et al. 2016, Sec. 4.2), which keeps pixels unresized.
     """
     if not (0 < scale[0] <= scale[1] <= 1):
         raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
     if not (0 < ratio[0] <= ratio[1]):
         raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
+    if not 0.0 <= translate < 1.0:
+        raise ValueError(f"translate must be in [0, 1), got {translate}")
     a = float(image_aspect)
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
     box = None
-    for _ in range(attempts):
+    for _ in range(attempts if scale[0] < 1.0 else 0):  # area 1: the whole image
         area = _uniform(rng, scale[0], scale[1])
         r = math.exp(_uniform(rng, log_r[0], log_r[1]))
         w = math.sqrt(area * r / a)
@@ -133,6 +139,9 @@ def sample_crop(
     h, w = _f32(h), _f32(w)
     y0 = min(max(_f32(y0), 0.0), max(0.0, 1.0 - h))
     x0 = min(max(_f32(x0), 0.0), max(0.0, 1.0 - w))
+    if translate > 0.0:  # drawn last: without it the boxes are those of earlier versions, draw for draw
+        y0 += _uniform(rng, -translate, translate)
+        x0 += _uniform(rng, -translate, translate)
     return CropBox(y0, x0, h, w, flip)
 
 
@@ -158,8 +167,12 @@ def apply_crop(img: torch.Tensor, box: CropBox, out_size: int, antialias: bool =
     if not img.is_floating_point():
         img = img.to(torch.float32)
     _, H, W = img.shape
-    top, left, h, w = box_to_pixels(box, H, W)
-    region = img[:, top : top + h, left : left + w]
+    if box.y0 >= 0 and box.x0 >= 0 and box.y0 + box.h <= 1 and box.x0 + box.w <= 1:
+        top, left, h, w = box_to_pixels(box, H, W)
+        region = img[:, top : top + h, left : left + w]
+    else:
+        region = _region_outside(img, box)
+        h, w = region.shape[-2:]
     if (h, w) == (out_size, out_size):
         out = region.clone()
     else:
@@ -173,6 +186,19 @@ def apply_crop(img: torch.Tensor, box: CropBox, out_size: int, antialias: bool =
     if box.flip:
         out = out.flip(-1)
     return out.contiguous()
+
+
+def _region_outside(img: torch.Tensor, box: CropBox) -> torch.Tensor:
+    """The pixels of a box that reaches outside the image, the outside filled by reflection (by repetition of the
+    edge where the box reaches further than the image is wide)."""
+    _, H, W = img.shape
+    top, left = int(round(box.y0 * H)), int(round(box.x0 * W))
+    h, w = max(1, int(round(box.h * H))), max(1, int(round(box.w * W)))
+    pads = (max(0, -left), max(0, left + w - W), max(0, -top), max(0, top + h - H))  # left, right, top, bottom
+    mode = "reflect" if max(pads[:2]) < W and max(pads[2:]) < H else "replicate"
+    padded = F.pad(img.unsqueeze(0), pads, mode=mode).squeeze(0)
+    top, left = top + pads[2], left + pads[0]
+    return padded[:, top : top + h, left : left + w]
 
 
 def resize_full(img: torch.Tensor, out_size: int, antialias: bool = True) -> torch.Tensor:

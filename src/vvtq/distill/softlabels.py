@@ -58,10 +58,11 @@ class _TeacherCrops(Dataset):
     """Unit ``u`` = image ``u // chunks``, crops ``[j*c, (j+1)*c)`` of its M boxes (j = ``u % chunks``)."""
 
     def __init__(
-        self, dataset: ImageDataset, m: int, chunk: int, out_size: int, mean, std, seed, scale, ratio
+        self, dataset: ImageDataset, m: int, chunk: int, out_size: int, mean, std, seed, scale, ratio, translate
     ):
         self.dataset, self.m, self.chunk, self.out_size = dataset, m, chunk, out_size
         self.mean, self.std, self.seed, self.scale, self.ratio = mean, std, seed, scale, ratio
+        self.translate = translate
         self.chunks = math.ceil(m / chunk)
 
     def __len__(self) -> int:
@@ -72,7 +73,8 @@ class _TeacherCrops(Dataset):
         img = self.dataset.get_image(i)
         g = item_generator(self.seed, 0, i, STREAM_SOFTLABEL_CROPS)
         aspect = img.shape[-1] / img.shape[-2]
-        boxes = [sample_crop(g, self.scale, self.ratio, image_aspect=aspect) for _ in range(self.m)]
+        boxes = [sample_crop(g, self.scale, self.ratio, image_aspect=aspect, translate=self.translate)
+                 for _ in range(self.m)]
         lo, hi = j * self.chunk, min(self.m, (j + 1) * self.chunk)
         crops = torch.stack([apply_crop(img, b, self.out_size) for b in boxes[lo:hi]])
         return normalize(crops, self.mean, self.std), boxes_to_tensor(boxes[lo:hi]), i, lo
@@ -103,6 +105,7 @@ class SoftLabelOptions:
     progress: bool = False
     scale: tuple[float, float] = (0.35, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    translate: float = 0.0
     device: str | torch.device | None = None
     num_workers: int = 0
     prob_dtype: torch.dtype = torch.float16
@@ -161,6 +164,7 @@ def _file_metadata(dataset: ImageDataset, opts: SoftLabelOptions, mean: tuple[fl
         "num_classes": dataset.num_classes, "num_images": len(dataset), "num_crops": int(opts.num_crops_per_image),
         "top_k": int(opts.top_k), "out_size": int(opts.out_size), "mean": list(mean), "std": list(std),
         "seed": int(opts.seed), "scale": list(opts.scale), "ratio": list(opts.ratio), "interpolation": INTERPOLATION,
+        "translate": float(opts.translate),
     }
     return {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), META_KEY: json.dumps(meta)}
 
@@ -204,7 +208,7 @@ def _crop_loader(dataset: ImageDataset, opts: SoftLabelOptions, mean: tuple[floa
     m = int(opts.num_crops_per_image)
     chunk = max(1, min(m, int(opts.batch_size)))
     units = _TeacherCrops(dataset, m, chunk, int(opts.out_size), mean, std, int(opts.seed), tuple(opts.scale),
-                          tuple(opts.ratio))
+                          tuple(opts.ratio), float(opts.translate))
     loader = DataLoader(units, batch_size=max(1, int(opts.batch_size) // chunk), shuffle=False,
                         num_workers=opts.num_workers, collate_fn=_collate_units)
     return progress(loader, opts.progress, len(loader), "soft labels", every=max(1, len(loader) // 20))

@@ -82,7 +82,8 @@ class Targets(Lever):
     def views(self, num_crops: int) -> Dataset:
         """The training images as ``num_crops`` random crops each (seeded by (seed, epoch, image))."""
         cfg = self.ctx.cfg
-        return MultiCropDataset(self.ctx.train_set, num_crops, cfg.img_size, tuple(cfg.crop_scale), seed=cfg.seed)
+        return MultiCropDataset(self.ctx.train_set, num_crops, cfg.img_size, tuple(cfg.crop_scale), seed=cfg.seed,
+                                translate=cfg.crop_translate)
 
 
 class HardLabels(Targets):

@@ -80,6 +80,7 @@ class TrainConfig:
     num_crops: int = 1
     single_crop_frac: float = 0.0  # the last fraction of the steps takes 1 crop an image (batch_size images a step)
     crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_translate: float = 0.0  # then shift each crop by up to this fraction of the side (outside: reflected)
     train_subset: int | None = None
     val_subset: int | None = None
     num_workers: int = 0
@@ -201,6 +202,9 @@ class TrainConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1; got {list(self.crop_scale)}")
+        if not 0.0 <= self.crop_translate < 1.0:
+            raise ConfigError(f"crop_translate must be in [0, 1) (a fraction of the image side); got "
+                              f"{self.crop_translate}")
         if not 0.0 <= self.single_crop_frac < 1.0:
             raise ConfigError(f"single_crop_frac must be in [0, 1); got {self.single_crop_frac}")
         if self.single_crop_frac and self.num_crops == 1:
