@@ -63,7 +63,14 @@ def test_train_then_eval_and_mismatched_state(tmp_path, capsys):
     args = [a for s in sets for a in ("--set", s)]
     assert main(["train", "--config", FP, "--out", str(out), *args]) == 0
     assert main(["eval", "--checkpoint", str(out / "last.safetensors"), "--limit", "100"]) == 0
-    assert "FP top-1" in capsys.readouterr().out
+    single = capsys.readouterr().out
+    assert "FP top-1" in single
+    # the same model twice is an ensemble that agrees with it: the same top-1 and loss
+    assert main(["eval", "--checkpoint", str(out / "last.safetensors"), str(out / "last.safetensors"), "--limit",
+                 "100"]) == 0
+    twice = capsys.readouterr().out
+    assert "mean of 2 FP models' top-1" in twice
+    assert twice.split("top-1")[1].split("(")[0].split() == single.split("top-1")[1].split("(")[0].split()
 
 
 def test_python_dash_m_entry_point():

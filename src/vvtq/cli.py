@@ -89,7 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data.splits import eval_split
     from .device import resolve_device
     from .evaluation import eval_loader, evaluate
-    from .modelio import load_model
+    from .modelio import load_models
     from .spec import data_source
 
     device = resolve_device(args.device)
@@ -111,10 +111,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint:
         raise ConfigError("vvtq eval needs --checkpoint CKPT, --packed FILE or --onnx FILE")
-    model, meta = load_model(args.checkpoint, device)
+    model, meta = load_models(args.checkpoint, device)
     src = data_source(meta).given(args.data, args.data_root, args.split)
     if not src.data:
-        raise ConfigError(f"{args.checkpoint} records no dataset; pass --data")
+        raise ConfigError(f"{args.checkpoint[0]} records no dataset; pass --data")
     base = eval_split(src.data, src.val_split, src.root, src.holdout)
     if args.limit:
         from .data import SubsetImageDataset
@@ -122,7 +122,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base = SubsetImageDataset(base, range(min(args.limit, len(base))))
     m = evaluate(model, eval_loader(base, meta["img_size"]), device)
     kind = "FP" if meta.get("quant") is None else f"W{meta['quant']['wbits']}A{meta['quant']['abits']}"
-    print(f"{args.checkpoint}: {kind} top-1 {m['acc']:.2f}%  loss {m['loss']:.4f}  ({len(base)} images)")
+    kind = kind if len(args.checkpoint) == 1 else f"mean of {len(args.checkpoint)} FP models'"
+    print(f"{' + '.join(args.checkpoint)}: {kind} top-1 {m['acc']:.2f}%  loss {m['loss']:.4f}  ({len(base)} images)")
     return 0
 
 
@@ -130,14 +131,14 @@ def cmd_softlabels(args: argparse.Namespace) -> int:
     from .data.splits import training_images
     from .device import resolve_device
     from .distill import generate_softlabels
-    from .modelio import load_model
+    from .modelio import load_models
     from .spec import data_source
 
     device = resolve_device(args.device)
-    teacher, meta = load_model(args.teacher, device)
+    teacher, meta = load_models(args.teacher, device)
     src = data_source(meta).given(args.data, args.data_root, holdout=args.holdout)
     if not src.data:
-        raise ConfigError(f"{args.teacher} records no dataset; pass --data")
+        raise ConfigError(f"{args.teacher[0]} records no dataset; pass --data")
     base = training_images(src.data, src.root, src.holdout)
     if args.limit:
         from .data import SubsetImageDataset
@@ -225,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="top-1 accuracy of a checkpoint, a packed export or an ONNX file")
-    e.add_argument("--checkpoint", help="a vvtq checkpoint (.safetensors)")
+    e.add_argument("--checkpoint", nargs="+", metavar="CKPT", help="a vvtq checkpoint (.safetensors); several FP "
+                   "ones: their ensemble (the mean of their probabilities)")
     e.add_argument("--packed", help="a packed export (.vvtq.safetensors) run by the integer runtime")
     e.add_argument("--onnx", help="an ONNX file run by onnxruntime (CPU; --threads sets its threads); dataset, split "
                    "and normalisation: the ones the file records, unless given")
@@ -237,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("softlabels", help="precompute a teacher's multi-crop soft labels (FKD-style)")
-    s.add_argument("--teacher", required=True, help="FP teacher checkpoint")
+    s.add_argument("--teacher", required=True, nargs="+", metavar="CKPT", help="FP teacher checkpoint; several: "
+                   "their ensemble (the mean of their probabilities; dataset and input size: the first's)")
     s.add_argument("--out", required=True, help="output .safetensors file")
     s.add_argument("--crops", type=int, default=50, help="crops stored per image (M)")
     s.add_argument("--top-k", type=int, default=5)

@@ -146,6 +146,27 @@ def load_teacher(spec: str | list[str], model_kwargs: dict[str, Any], device: to
     return EnsembleTeacher(teachers, sizes).to(device).eval().requires_grad_(False)
 
 
+def load_models(paths: list[str], device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """One checkpoint as ``load_model`` loads it; several FP checkpoints as one model whose logits are the log of
+    their mean probabilities (an ensemble: what ``teacher.checkpoint: [A, B]`` distils from). The metadata (dataset,
+    input size, normalisation) is the first checkpoint's."""
+    if len(paths) == 1:
+        return load_model(paths[0], device)
+    ensemble = load_teacher(list(paths), {}, torch.device(device))
+    return _LogOf(ensemble).eval(), load_model(paths[0], "cpu")[1]
+
+
+class _LogOf(nn.Module):
+    """``log(f(x))`` of a module that returns probabilities: logits whose softmax is those probabilities."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x).clamp_min(1e-12).log()
+
+
 def checkpoint_kwargs(path: str | Path, model: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` on top of the model options recorded in checkpoint ``path``, which must hold ``model``."""
     meta = read_meta(path)
