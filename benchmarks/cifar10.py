@@ -80,7 +80,7 @@ RECIPES = {
     "kd4": ("+ 4 crops an image", "kd+crops=4"),
     "paper": ("published VVTQ recipe", "kd+crops=4+md+reg"),
     "vvtq": ("today's shipped vvtq recipe (module-dependent quantizers at twice the lr)", "lr=1e-3+md"),
-    "best": ("the best the pilots found", "kd+md"),
+    "best": ("the best the pilots found (not chosen yet: kd+md holds its place)", "kd+md"),
 }
 ROWS = {"mini_deit": tuple(RECIPES), "mini_swin": ("lsq", "paper", "best")}
 # pilots: W2A2, seed 0, PILOT_CROPS, held-out images; in order of priority
@@ -90,11 +90,11 @@ PILOTS = ("", "kd", "lr=1e-3", "lr=2.5e-4", "kd+crops=4", "md", "kd+md", "kd+cro
 
 def _f_kd(spec: dict, ctx: Context, v: str | None) -> None:
     spec["teacher"] = {**ctx.kd, **{k: x for k, x in (spec.get("teacher") or {}).items() if k == "hard_weight"}}
-    spec["crop_scale"] = list(ctx.kd_scale)  # the file's crops: the recipe's own scale would not be used
+    spec.update(ctx.kd_crops)  # the file's crops (the recipe's own would not be used): recorded as they are
 
 
 def _f_tcrop(spec: dict, ctx: Context, v: str | None) -> None:
-    spec["crop_scale"] = list(ctx.kd_scale)
+    spec.update(ctx.kd_crops)
 
 
 # this study's factors: the shared ones, 'kd' reading the soft-label file, and no second or third teacher
@@ -151,11 +151,11 @@ def plan(args: argparse.Namespace) -> list[Run]:
     """Every run asked for, most important first, deduplicated by config (a shared run keeps its first name)."""
     runs: list[Run] = []
     seen: dict[str, Run] = {}
-    softlabels, scale = str(softlabel_path(args)), teacher_crop_scale(args)
+    softlabels, kd_crops = str(softlabel_path(args)), teacher_crops(args)
 
     def add(model: str, group: str, recipe: str, bits: int, seed: int, crops: int, scored_on: str) -> None:
         ctx = Context(model, str(model_path(model, Path(args.models_dir))), None, None,
-                      {"source": "file", "softlabels": softlabels}, scale)
+                      {"source": "file", "softlabels": softlabels}, kd_crops)
         if group == "pilot":
             prefix = f"pilot{crops // 1000}k_" if crops not in (PILOT_CROPS, QUICK_CROPS) else "pilot_"
             name = f"{prefix}{model}_{recipe_key(recipe)}_w{bits}a{bits}_s{seed}"
@@ -203,14 +203,17 @@ def softlabel_path(args: argparse.Namespace) -> Path:
     return Path(args.work) / f"softlabels_{SOFT_CROPS}crops.safetensors"
 
 
-def teacher_crop_scale(args: argparse.Namespace) -> tuple[float, float]:
-    """The crop scale the shipped teacher was trained on (its recipe's until it is trained): the soft-label file's."""
+def teacher_crops(args: argparse.Namespace) -> dict[str, Any]:
+    """The crops the shipped teacher was trained on (its recipe's until it is trained), the soft-label file's:
+    ``crop_scale`` and ``crop_translate``."""
     from vvtq.checkpoint import read_meta
     from vvtq.train import TrainConfig
 
     path = model_path("teacher", Path(args.models_dir))
-    recorded = (read_meta(path).get("train_config") or {}).get("crop_scale") if path.is_file() else None
-    return tuple(recorded or TrainConfig.from_recipe(FP_RECIPES["teacher"]).crop_scale)
+    recorded = (read_meta(path).get("train_config") or {}) if path.is_file() else {}
+    recipe = TrainConfig.from_recipe(FP_RECIPES["teacher"])
+    return {"crop_scale": list(recorded.get("crop_scale", recipe.crop_scale)),
+            "crop_translate": float(recorded.get("crop_translate", recipe.crop_translate))}
 
 
 def _fp_command(key: str, out: Path, args: argparse.Namespace) -> list[str]:

@@ -20,7 +20,7 @@ class Context:
     other_teacher: str | None  # the other architecture's, for the ensemble
     cnn_teacher: str | None = None  # the stronger CNN teacher (factor 'cnn')
     kd: dict[str, Any] | None = None  # the teacher mapping 'kd' sets (default: live, ``teacher``)
-    kd_scale: tuple[float, float] | None = None  # the crop scale of the crops ``kd`` labels, where it fixes them
+    kd_crops: dict[str, Any] | None = None  # the crop settings of the crops ``kd`` labels, where it fixes them
 
 
 def _f_kd(spec, ctx, v):

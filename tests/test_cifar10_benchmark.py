@@ -44,7 +44,8 @@ def test_plan_equal_steps_soft_labels_and_ceilings(tmp_path):
         assert cfg.data == "../shared/data/cifar10" and cfg.img_size == 32 and cfg.model_kwargs["in_chans"] == 3
         if "kd" in r.recipe.split("+"):
             assert cfg.teacher.to_dict() == {"source": "file", "softlabels": labels}
-            assert cfg.crop_scale == c.teacher_crop_scale(c.parse_args(["--models-dir", str(tmp_path / "m")]))
+            crops = c.teacher_crops(c.parse_args(["--models-dir", str(tmp_path / "m")]))
+            assert (list(cfg.crop_scale), cfg.crop_translate) == (crops["crop_scale"], crops["crop_translate"])
         else:
             assert cfg.teacher.source == "none" and cfg.crop_scale == (0.35, 1.0)  # the FP students' crops
     ceilings = {(r.model, r.recipe) for r in runs if r.group == "ceiling"}
