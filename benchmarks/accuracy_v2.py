@@ -37,14 +37,15 @@ from study_runs import (  # noqa: E402
     ROOT,
     Run,
     checkpoint_accuracy,
-    clear_stale_claims,
     fmt,
     gzip_copy,
+    list_plan,
     log,
     mean,
+    pilot_table,
     signature,
-    spawn,
     stored,
+    train_all,
     work_loop,
     write_atomic,
 )
@@ -302,15 +303,6 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
             "units": "final top-1 (%) after the last step; study runs on the 10,000 test images"}
 
 
-def pilot_table(store: Path) -> list[dict[str, Any]]:
-    rows = []
-    for path in sorted(store.glob("pilot*.json")):
-        r = json.loads(path.read_text())
-        rows.append({k: r.get(k) for k in ("name", "model", "recipe", "final_acc", "osc_lowbit", "frozen", "wall_s",
-                                            "steps", "crops", "num_crops")})
-    return rows
-
-
 def markdown(doc: dict[str, Any], pilots: list[dict[str, Any]], findings: str | None) -> str:
     lines = ["# Accuracy study v2: a W2A2 recipe against the fixed LSQ baseline (Fashion-MNIST)", "",
              f"Command: `{doc['command']}`" + ("  (**quick smoke run: not a result**)" if doc["quick"] else ""), "",
@@ -467,24 +459,11 @@ def main(argv: list[str] | None = None) -> int:
         ensure_teachers(args, work)
     runs = plan(args)
     if args.list:
-        for r in runs:
-            res = stored(r, store)
-            print(f"  {r.name:44s} {r.group:9s} {'done ' + fmt(res['final_acc']) if res else 'to do'}")
+        list_plan(runs, store)
         return 0
-    failed = 0
     if args.worker is not None:
         return 1 if work_loop(runs, store, work, f"worker {args.worker}") else 0
-    if not args.report_only:
-        todo = [r for r in runs if stored(r, store) is None]
-        log(work, f"{'pilots' if args.pilots else 'study'}: {len(runs)} runs, {len(todo)} to do, {args.jobs} "
-                   f"worker(s) x {args.threads} thread(s)")
-        if args.jobs > 1:
-            codes = spawn(args, argv, work, Path(__file__))
-            failed = sum(c != 0 for c in codes)
-            log(work, f"workers finished with exit codes {codes}")
-        else:
-            clear_stale_claims(work, b"accuracy_v2")
-            failed = work_loop(runs, store, work, "worker 0")
+    failed = 0 if args.report_only else train_all(args, argv, runs, store, work, Path(__file__))
     doc = write_results(args, runs, store, out, command)
     log(work, f"wrote {out / 'accuracy_v2.json'}, .md, .png; {len(doc['missing'])} study run(s) not finished")
     return 1 if failed else 0

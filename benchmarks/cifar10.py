@@ -39,15 +39,16 @@ from study_runs import (  # noqa: E402
     ROOT,
     Run,
     checkpoint_accuracy,
-    clear_stale_claims,
     fmt,
     gzip_copy,
+    list_plan,
     log,
     mean,
+    pilot_table,
     relative,
     signature,
-    spawn,
     stored,
+    train_all,
     work_loop,
     write_atomic,
 )
@@ -217,13 +218,14 @@ def teacher_crops(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fp_command(key: str, out: Path, args: argparse.Namespace) -> list[str]:
-    cmd = [sys.executable, "-m", "vvtq", "--threads", str(args.threads), "train", "--config", FP_RECIPES[key],
+    """The FP run's command, run from the repository root, paths inside it relative (its checkpoint records them)."""
+    cmd = ["-m", "vvtq", "--threads", str(args.threads), "train", "--config", FP_RECIPES[key],
            "--set", f"out={out}", "--set", f"data={args.data}", "--set", "progress=false", "--set",
            "ckpt_every_steps=100"]
     if args.quick:
         cmd += ["--set", f"holdout={QUICK_HOLDOUT}", "--set", f"batch_size={QUICK_BATCH}", "--set", "epochs=1",
                 "--set", "max_steps=2", "--set", "val_subset=50", "--set", "amp=fp32"]
-    return cmd + (["--resume"] if (out / "last.safetensors").is_file() else [])
+    return [sys.executable, *relative(cmd + (["--resume"] if (out / "last.safetensors").is_file() else []))]
 
 
 def ensure_inputs(args: argparse.Namespace) -> None:
@@ -257,15 +259,14 @@ def ensure_inputs(args: argparse.Namespace) -> None:
     labels = softlabel_path(args)
     if not labels.is_file():
         t0 = time.time()
-        cmd = [sys.executable, "-m", "vvtq", "--threads", str(args.threads), "softlabels", "--teacher",
-               str(model_path("teacher", models_dir)), "--out", str(labels), "--crops", str(SOFT_CROPS),
-               "--top-k", "10", "--seed", "0"]
-        log(work, f"soft labels: {shlex.join(cmd[1:])}")
-        if subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
+        cmd = relative(["vvtq", "--threads", str(args.threads), "softlabels", "--teacher",
+                        str(model_path("teacher", models_dir)), "--out", str(labels), "--crops", str(SOFT_CROPS),
+                        "--top-k", "10", "--seed", "0"])
+        log(work, f"soft labels: {shlex.join(cmd)}")
+        if subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
             raise StudyError(f"soft labels failed: {shlex.join(cmd)}")
         write_atomic(labels.with_suffix(".json"), json.dumps({
-            "command": shlex.join(["vvtq", *cmd[3:]]).replace(str(ROOT) + os.sep, ""), "wall_s": round(time.time()
-                                                                                                    - t0, 1),
+            "command": shlex.join(cmd), "wall_s": round(time.time() - t0, 1),
             "bytes": labels.stat().st_size, "threads": args.threads}, indent=1))
         log(work, f"soft labels: {labels.stat().st_size / 1e6:.1f} MB in {time.time() - t0:.0f} s")
 
@@ -321,15 +322,6 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
             "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(),
             "units": "final top-1 (%) after the last step; study runs on the 10,000 test images"}
-
-
-def pilot_table(store: Path) -> list[dict[str, Any]]:
-    rows = []
-    for path in sorted(store.glob("pilot*.json")):
-        r = json.loads(path.read_text())
-        rows.append({k: r.get(k) for k in ("name", "model", "recipe", "final_acc", "osc_lowbit", "wall_s", "steps",
-                                            "crops", "num_crops")})
-    return rows
 
 
 def markdown(doc: dict[str, Any], pilots: list[dict[str, Any]], findings: str | None) -> str:
@@ -469,24 +461,11 @@ def main(argv: list[str] | None = None) -> int:
         ensure_inputs(args)
     runs = plan(args)
     if args.list:
-        for r in runs:
-            res = stored(r, store)
-            print(f"  {r.name:48s} {r.group:8s} {'done ' + fmt(res['final_acc']) if res else 'to do'}")
+        list_plan(runs, store)
         return 0
     if args.worker is not None:
         return 1 if work_loop(runs, store, work, f"worker {args.worker}") else 0
-    failed = 0
-    if not args.report_only:
-        todo = [r for r in runs if stored(r, store) is None]
-        log(work, f"{'pilots' if args.pilots else 'study'}: {len(runs)} runs, {len(todo)} to do, {args.jobs} "
-                  f"worker(s) x {args.threads} thread(s)")
-        if args.jobs > 1:
-            codes = spawn(args, argv, work, Path(__file__))
-            failed = sum(c != 0 for c in codes)
-            log(work, f"workers finished with exit codes {codes}")
-        else:
-            clear_stale_claims(work, b"cifar10.py")
-            failed = work_loop(runs, store, work, "worker 0")
+    failed = 0 if args.report_only else train_all(args, argv, runs, store, work, Path(__file__))
     doc = write_results(args, store, out, command)
     log(work, f"wrote {out / 'cifar10.json'}, .md, .png; {len(doc['missing'])} study run(s) not finished")
     return 1 if failed else 0

@@ -249,3 +249,35 @@ def checkpoint_accuracy(path: Path, split: str, holdout: int, cache: Path, name:
         data[key] = evaluate(net, eval_loader(base, meta["img_size"]), torch.device("cpu"))["acc"]
         write_atomic(cache, json.dumps(data, indent=1, sort_keys=True))
     return data[key]
+
+
+def list_plan(runs: list[Run], store: Path) -> None:
+    """Print every run of the plan and whether it is done."""
+    for r in runs:
+        res = stored(r, store)
+        print(f"  {r.name:48s} {r.group:9s} {'done ' + fmt(res['final_acc']) if res else 'to do'}")
+
+
+def train_all(args: argparse.Namespace, argv: list[str], runs: list[Run], store: Path, work: Path,
+              script: Path) -> int:
+    """Train every run not stored yet, in ``args.jobs`` workers of ``script`` (or in this process); returns the
+    number of failed runs (or of workers that failed)."""
+    todo = [r for r in runs if stored(r, store) is None]
+    log(work, f"{'pilots' if args.pilots else 'study'}: {len(runs)} runs, {len(todo)} to do, {args.jobs} "
+              f"worker(s) x {args.threads} thread(s)")
+    if args.jobs > 1:
+        codes = spawn(args, argv, work, script)
+        log(work, f"workers finished with exit codes {codes}")
+        return sum(c != 0 for c in codes)
+    clear_stale_claims(work, script.name.encode())
+    return work_loop(runs, store, work, "worker 0")
+
+
+def pilot_table(store: Path) -> list[dict[str, Any]]:
+    """The stored pilots (``pilot*.json``), a row each."""
+    rows = []
+    for path in sorted(store.glob("pilot*.json")):
+        r = json.loads(path.read_text())
+        rows.append({k: r.get(k) for k in ("name", "model", "recipe", "final_acc", "osc_lowbit", "frozen", "wall_s",
+                                            "steps", "crops", "num_crops")})
+    return rows

@@ -95,7 +95,7 @@ def test_plan_equal_crops_holdout_and_one_factor_at_a_time(tmp_path):
 
 
 def test_only_the_claims_of_finished_workers_are_cleared(tmp_path):
-    acc = _module()
+    _module()  # loads the shared runner the script imports
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "accuracy_v2"])
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a pid reused by another program
@@ -103,7 +103,7 @@ def test_only_the_claims_of_finished_workers_are_cleared(tmp_path):
         for name, pid in (("a", live.pid), ("b", int(dead.stdout)), ("c", other.pid), ("d", "")):
             (tmp_path / name).mkdir()
             (tmp_path / name / "claim").write_text(str(pid))
-        acc.clear_stale_claims(tmp_path, b"accuracy_v2")
+        sys.modules["study_runs"].clear_stale_claims(tmp_path, b"accuracy_v2")
         assert sorted(p.parent.name for p in tmp_path.glob("*/claim")) == ["a"]
     finally:
         live.kill()
