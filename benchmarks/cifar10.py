@@ -58,9 +58,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS_DIR = RESULTS / "cifar10_models"
 DATA = "../shared/data/cifar10"  # relative to the repository root, as the recipes give it
 MODELS = ("mini_deit", "mini_swin")
-FP_RECIPES = {"teacher": "cifar10_teacher_fp", "mini_deit": "cifar10_mini_deit_fp",
-              "mini_swin": "cifar10_mini_swin_fp"}
+# the FP models a run needs: recipe and its --set overrides (teachers first: the students' runs wait on none of them)
+FP_RUNS = {"teacher": ("cifar10_teacher_fp", ()), "mini_deit": ("cifar10_mini_deit_fp", ()),
+           "mini_swin": ("cifar10_mini_swin_fp", ())}
 SHIPPED = {"teacher": "cifar_resnet_teacher", "mini_deit": "cifar10_mini_deit_fp", "mini_swin": "cifar10_mini_swin_fp"}
+TEACHERS = ("teacher",)  # several: their ensemble (the mean of their probabilities) labels the crops
+TEACHER_FLIP = True  # each crop labelled by the mean over it and its mirror (+1.4 held-out points for the teacher)
 HOLDOUT = 5000
 TEST = "val"  # the folder of the 10,000 test images (ImageNet-style naming)
 TRAIN_IMAGES = 50_000 - HOLDOUT
@@ -116,7 +119,7 @@ def build_cfg(model: str, bits: int, recipe: str, seed: int, crops: int, scored_
     then the study's common settings. Bits 32: the FP student trained on, unquantized (the ceiling rows)."""
     from vvtq.train import TrainConfig
 
-    fp = TrainConfig.from_recipe(FP_RECIPES[model])
+    fp = TrainConfig.from_recipe(FP_RUNS[model][0])
     spec = TrainConfig.from_recipe(f"{model}_w{2 if bits == 32 else bits}a{2 if bits == 32 else bits}_lsq").to_dict()
     spec.update(data=args.data, img_size=fp.img_size, model_kwargs=dict(fp.model_kwargs), holdout=holdout(args),
                 crop_scale=list(fp.crop_scale), lr=BASE_LR)
@@ -210,18 +213,19 @@ def teacher_crops(args: argparse.Namespace) -> dict[str, Any]:
     from vvtq.checkpoint import read_meta
     from vvtq.train import TrainConfig
 
-    path = model_path("teacher", Path(args.models_dir))
+    path = model_path(TEACHERS[0], Path(args.models_dir))
     recorded = (read_meta(path).get("train_config") or {}) if path.is_file() else {}
-    recipe = TrainConfig.from_recipe(FP_RECIPES["teacher"])
+    recipe = TrainConfig.from_recipe(FP_RUNS[TEACHERS[0]][0])
     return {"crop_scale": list(recorded.get("crop_scale", recipe.crop_scale)),
             "crop_translate": float(recorded.get("crop_translate", recipe.crop_translate))}
 
 
 def _fp_command(key: str, out: Path, args: argparse.Namespace) -> list[str]:
     """The FP run's command, run from the repository root, paths inside it relative (its checkpoint records them)."""
-    cmd = ["-m", "vvtq", "--threads", str(args.threads), "train", "--config", FP_RECIPES[key],
+    recipe, overrides = FP_RUNS[key]
+    cmd = ["-m", "vvtq", "--threads", str(args.threads), "train", "--config", recipe,
            "--set", f"out={out}", "--set", f"data={args.data}", "--set", "progress=false", "--set",
-           "ckpt_every_steps=100"]
+           "ckpt_every_steps=100", *(a for o in overrides for a in ("--set", o))]
     if args.quick:
         cmd += ["--set", f"holdout={QUICK_HOLDOUT}", "--set", f"batch_size={QUICK_BATCH}", "--set", "epochs=1",
                 "--set", "max_steps=2", "--set", "val_subset=50", "--set", "amp=fp32"]
@@ -235,7 +239,7 @@ def ensure_inputs(args: argparse.Namespace) -> None:
 
     work, models_dir = Path(args.work), Path(args.models_dir)
     procs = []
-    for key in FP_RECIPES:
+    for key in FP_RUNS:
         if model_path(key, models_dir).is_file():
             continue
         out = work / "fp" / key
@@ -257,11 +261,16 @@ def ensure_inputs(args: argparse.Namespace) -> None:
         gzip_copy(out / "metrics.jsonl", models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz")
         log(work, f"shipped {model_path(key, models_dir)}")
     labels = softlabel_path(args)
+    cmd = relative(["vvtq", "--threads", str(args.threads), "softlabels", "--teacher",
+                    *(str(model_path(k, models_dir)) for k in TEACHERS), "--out", str(labels), "--crops",
+                    str(SOFT_CROPS), "--top-k", "10", "--seed", "0", "--amp", "bf16",
+                    *(["--flip"] if TEACHER_FLIP else [])])
+    made = labels.with_suffix(".json")
+    if labels.is_file() and made.is_file() and json.loads(made.read_text())["command"] != shlex.join(cmd):
+        raise StudyError(f"{labels} was made by `{json.loads(made.read_text())['command']}`, not by today's "
+                         f"teacher (`{shlex.join(cmd)}`): move it away to make it again")
     if not labels.is_file():
         t0 = time.time()
-        cmd = relative(["vvtq", "--threads", str(args.threads), "softlabels", "--teacher",
-                        str(model_path("teacher", models_dir)), "--out", str(labels), "--crops", str(SOFT_CROPS),
-                        "--top-k", "10", "--seed", "0"])
         log(work, f"soft labels: {shlex.join(cmd)}")
         if subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
             raise StudyError(f"soft labels failed: {shlex.join(cmd)}")
@@ -272,14 +281,22 @@ def ensure_inputs(args: argparse.Namespace) -> None:
 
 
 def fp_accuracy(key: str, split: str, args: argparse.Namespace) -> float | None:
-    path = model_path(key, Path(args.models_dir))
-    if not path.is_file():
+    """An FP model's top-1 (%) on ``split``; ``teacher``: the labelling teacher's (ensemble and mirror included)."""
+    keys, flip = (TEACHERS, TEACHER_FLIP) if key == "teacher" else ((key,), False)
+    paths = [model_path(k, Path(args.models_dir)) for k in keys]
+    if not all(p.is_file() for p in paths):
         return None
-    return checkpoint_accuracy(path, split, holdout(args), Path(args.models_dir) / "accuracy.json", key,
-                               limit=100 if args.quick else None)
+    return checkpoint_accuracy(paths, split, holdout(args), Path(args.models_dir) / "accuracy.json", key,
+                               limit=100 if args.quick else None, flip=flip)
 
 
 # --------------------------------------------------------------------------- results
+def teacher_name() -> str:
+    runs = [" ".join([FP_RUNS[k][0], *FP_RUNS[k][1]]) for k in TEACHERS]
+    name = f"cifar_resnet ({runs[0]})" if len(runs) == 1 else f"mean of {len(runs)} cifar_resnet ({'; '.join(runs)})"
+    return name + (", each image and its mirror" if TEACHER_FLIP else "")
+
+
 def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict], command: str) -> dict[str, Any]:
     import timm
     import torch
@@ -305,9 +322,9 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
         summary[model] = row
     labels = softlabel_path(args).with_suffix(".json")
     return {"command": command, "quick": args.quick, "summary": summary,
-            "teacher": {"name": f"cifar_resnet ({FP_RECIPES['teacher']})", "top1": fp_accuracy("teacher", TEST, args),
+            "teacher": {"name": teacher_name(), "top1": fp_accuracy("teacher", TEST, args),
                         "holdout": fp_accuracy("teacher", "holdout", args),
-                        "file": relative(str(model_path("teacher", Path(args.models_dir))))},
+                        "file": " ".join(relative([str(model_path(k, Path(args.models_dir))) for k in TEACHERS]))},
             "softlabels": json.loads(labels.read_text()) if labels.is_file() else None,
             "recipes": {k: {"label": v[0], "factors": v[1] or "lsq", "description": describe(v[1], CIFAR_FACTORS)}
                         for k, v in RECIPES.items()},

@@ -225,23 +225,26 @@ def gzip_copy(src: Path, dst: Path, unzip: bool = False) -> None:
     os.replace(tmp, dst)
 
 
-def checkpoint_accuracy(path: Path, split: str, holdout: int, cache: Path, name: str,
-                        limit: int | None = None) -> float:
-    """Top-1 (%) of the FP checkpoint ``path`` on ``split`` of its own dataset (``holdout`` images held out; the
-    first ``limit`` images only), cached in ``cache`` under ``name`` and the file's hash."""
+def checkpoint_accuracy(path: Path | list[Path], split: str, holdout: int, cache: Path, name: str,
+                        limit: int | None = None, flip: bool = False) -> float:
+    """Top-1 (%) of the FP checkpoint ``path`` (several: their ensemble; ``flip``: each image and its mirror) on
+    ``split`` of its own dataset (``holdout`` images held out; the first ``limit`` images only), cached in
+    ``cache`` under ``name`` and the files' hashes."""
     import torch
 
     from vvtq.data import SubsetImageDataset
     from vvtq.data.splits import eval_split
+    from vvtq.modelio import load_models
     from vvtq.spec import data_source
-    from vvtq.train import evaluate, load_model
+    from vvtq.train import evaluate
     from vvtq.train.loop import eval_loader
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    paths = [path] if isinstance(path, Path) else list(path)
+    digest = "+".join(hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in paths)
     data = json.loads(cache.read_text()) if cache.is_file() else {}
-    key = f"{name}:{split}:{digest}" + (f":{limit}" if limit else "")
+    key = f"{name}:{split}:{digest}" + (f":{limit}" if limit else "") + (":flip" if flip else "")
     if key not in data:
-        net, meta = load_model(path)
+        net, meta = load_models([str(p) for p in paths], "cpu", flip=flip)
         src = data_source(meta)
         base = eval_split(src.data, split, src.root, holdout)
         if limit:

@@ -79,6 +79,7 @@ def test_quick_end_to_end(tmp_path):
         assert (tmp_path / "m" / f"{key}.metrics.jsonl.gz").is_file()
     labels = json.loads((tmp_path / "w" / "softlabels_10crops.json").read_text())
     assert labels["command"].startswith("vvtq --threads 1 softlabels --teacher") and labels["bytes"] > 0
+    assert "--amp bf16" in labels["command"] and "--flip" in labels["command"]
     done = sorted(p.name for p in (tmp_path / "s").glob("*.json"))
     assert done == ["pilot_mini_deit_kd_crops2_w2a2_s0.json", "pilot_mini_deit_lsq_w2a2_s0.json"]
     kd = json.loads((tmp_path / "s" / done[0]).read_text())
@@ -94,3 +95,9 @@ def test_quick_end_to_end(tmp_path):
         assert row["fp"] is not None and row["lsq.w2a2"] is None  # the study's runs are not done
     assert "## Pilots" in (tmp_path / "o" / "cifar10.md").read_text()
     assert (tmp_path / "o" / "cifar10.png").stat().st_size > 0
+    # a label file another teacher made is refused, not used
+    made = tmp_path / "w" / "softlabels_10crops.json"
+    made.write_text(json.dumps({**labels, "command": "vvtq softlabels --teacher another.safetensors"}))
+    c = _module()
+    with pytest.raises(c.StudyError, match="not by today's teacher"):
+        c.ensure_inputs(c.parse_args(common))

@@ -71,6 +71,8 @@ def test_train_then_eval_and_mismatched_state(tmp_path, capsys):
     twice = capsys.readouterr().out
     assert "mean of 2 FP models' top-1" in twice
     assert twice.split("top-1")[1].split("(")[0].split() == single.split("top-1")[1].split("(")[0].split()
+    assert main(["eval", "--checkpoint", str(out / "last.safetensors"), "--limit", "100", "--flip"]) == 0
+    assert "FP (image and mirror) top-1" in capsys.readouterr().out
 
 
 def test_python_dash_m_entry_point():

@@ -107,27 +107,32 @@ def check_spec(model: nn.Module, spec: ModelSpec) -> None:
 
 class EnsembleTeacher(nn.Module):
     """The mean of several frozen teachers' class probabilities. Each teacher sees the crops resized to its own
-    input size (bilinear), so a 28 px DeiT teacher can label 32 px Swin crops. Returns *probabilities*."""
+    input size (bilinear), so a 28 px DeiT teacher can label 32 px Swin crops. With ``flip``, each also sees the
+    mirrored crop and the mean runs over both views (flip test-time augmentation). Returns *probabilities*."""
 
-    def __init__(self, teachers: list[nn.Module], img_sizes: list[int | None]):
+    def __init__(self, teachers: list[nn.Module], img_sizes: list[int | None], flip: bool = False):
         super().__init__()
         self.teachers = nn.ModuleList(teachers)
         self.img_sizes = img_sizes
+        self.flip = bool(flip)
 
     def forward(self, x: Tensor) -> Tensor:
         probs = None
         for teacher, size in zip(self.teachers, self.img_sizes, strict=True):
             xi = x if size is None or x.shape[-1] == size else F.interpolate(
                 x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            p = teacher(xi).float().softmax(-1)
-            probs = p if probs is None else probs + p
-        return probs / len(self.teachers)
+            for view in ((xi, xi.flip(-1)) if self.flip else (xi,)):
+                p = teacher(view).float().softmax(-1)
+                probs = p if probs is None else probs + p
+        return probs / (len(self.teachers) * (2 if self.flip else 1))
 
 
-def load_teacher(spec: str | list[str], model_kwargs: dict[str, Any], device: torch.device) -> nn.Module:
+def load_teacher(spec: str | list[str], model_kwargs: dict[str, Any], device: torch.device,
+                 flip: bool = False) -> nn.Module:
     """A frozen FP teacher that returns class probabilities: a vvtq checkpoint path, ``timm:NAME`` for timm's
     pretrained weights (built with ``model_kwargs``; an HF student's recorded architecture left out), a Hugging
-    Face model (folder or ``hf:ID``), or a list of them (their probabilities averaged)."""
+    Face model (folder or ``hf:ID``), or a list of them (their probabilities averaged); with ``flip``, averaged
+    over each input and its mirror too."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise CheckpointError("teacher.checkpoint is an empty list")
@@ -143,16 +148,18 @@ def load_teacher(spec: str | list[str], model_kwargs: dict[str, Any], device: to
             raise CheckpointError(f"teacher {one} is quantized; distillation needs a full-precision teacher")
         teachers.append(teacher)
         sizes.append(int(meta["img_size"]))
-    return EnsembleTeacher(teachers, sizes).to(device).eval().requires_grad_(False)
+    return EnsembleTeacher(teachers, sizes, flip).to(device).eval().requires_grad_(False)
 
 
-def load_models(paths: list[str], device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """One checkpoint as ``load_model`` loads it; several FP checkpoints as one model whose logits are the log of
-    their mean probabilities (an ensemble: what ``teacher.checkpoint: [A, B]`` distils from). The metadata (dataset,
-    input size, normalisation) is the first checkpoint's."""
-    if len(paths) == 1:
+def load_models(paths: list[str], device: str | torch.device = "cpu",
+                flip: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """One checkpoint as ``load_model`` loads it; several FP checkpoints (or any, with ``flip``: each image and its
+    mirror) as one model whose logits are the log of their mean probabilities (an ensemble: what
+    ``teacher.checkpoint: [A, B]`` distils from). The metadata (dataset, input size, normalisation) is the first
+    checkpoint's."""
+    if len(paths) == 1 and not flip:
         return load_model(paths[0], device)
-    ensemble = load_teacher(list(paths), {}, torch.device(device))
+    ensemble = load_teacher(list(paths), {}, torch.device(device), flip)
     return _LogOf(ensemble).eval(), load_model(paths[0], "cpu")[1]
 
 

@@ -293,3 +293,37 @@ def test_options_object_and_keywords_are_the_same(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     with pytest.raises(TypeError, match="not both"):
         generate_softlabels(RecordingTeacher(), base, tmp_path / "c.safetensors", options=opts, top_k=2)
+
+
+def test_flip_labels_each_crop_by_the_mean_over_it_and_its_mirror(tmp_path):
+    base = make_base(n=3)
+    teacher = RecordingTeacher()
+    settings = dict(num_crops_per_image=4, top_k=C, out_size=8, seed=2, batch_size=4, prob_dtype=torch.float32)
+    path = generate_softlabels(teacher, base, tmp_path / "f.safetensors", flip=True, **settings)
+    assert len(teacher.inputs) == 6  # three batches of four crops, each seen as is and mirrored
+    teacher.eval()
+    with torch.no_grad():
+        for k in range(0, 6, 2):
+            x, mirrored = teacher.inputs[k], teacher.inputs[k + 1]
+            assert torch.equal(mirrored, x.flip(-1))
+            want = (teacher(x).softmax(-1) + teacher(mirrored).softmax(-1)) / 2
+            rows = range(k // 2 * 4, k // 2 * 4 + 4)  # crops of images 0..2, four an image: batch k // 2
+            got = torch.stack([expand_probs(*SoftLabelFile(path).get(r // 4)[1:], C)[r % 4] for r in rows])
+            assert torch.allclose(got, want, atol=1e-6)
+    meta = SoftLabelFile(path)
+    assert meta.meta["flip_average"] is True and meta.meta["amp"] == "fp32"
+    plain = generate_softlabels(RecordingTeacher(), base, tmp_path / "p.safetensors", **settings)
+    assert SoftLabelFile(plain).meta["flip_average"] is False
+
+
+def test_bf16_labels_agree_with_fp32_and_say_so(tmp_path):
+    base = make_base(n=4)
+    settings = dict(num_crops_per_image=3, top_k=C, out_size=8, seed=5, batch_size=6, prob_dtype=torch.float32)
+    a = SoftLabelFile(generate_softlabels(RecordingTeacher(), base, tmp_path / "a.safetensors", **settings))
+    b = SoftLabelFile(generate_softlabels(RecordingTeacher(), base, tmp_path / "b.safetensors", amp="bf16",
+                                          **settings))
+    assert b.meta["amp"] == "bf16"
+    pa, pb = (torch.stack([expand_probs(*f.get(i)[1:], C) for i in range(4)]) for f in (a, b))
+    assert torch.allclose(pa, pb, atol=0.03) and not torch.equal(pa, pb)  # bf16 really ran, and is close
+    with pytest.raises(SoftLabelError, match="amp must be fp32 or bf16"):
+        generate_softlabels(RecordingTeacher(), base, tmp_path / "c.safetensors", amp="fp16", **settings)
