@@ -7,10 +7,11 @@ hurt? W2A2 recipes against the LSQ baseline on mini DeiT and mini Swin, 32 px RG
     python benchmarks/cifar10.py --report-only                    # rewrite the results from the finished runs
     python benchmarks/cifar10.py --quick --data DIR --models-dir DIR ...   # smoke test (tests/)
 
-What a run needs comes first, each made once and kept: the CNN teacher (``cifar10_teacher_fp``) and the FP students
-(``cifar10_mini_*_fp``, continued from their committed checkpoints when those exist) under
-``benchmarks/results/cifar10_models``, then the teacher's soft-label file (``vvtq softlabels``: ``SOFT_CROPS`` crops
-of every training image at the teacher's own crop scale, seeded, so it is regenerated rather than committed). Every
+What the runs need comes first, each made once and kept: the FP students they start from (``cifar10_mini_*_fp``,
+continued from their committed checkpoints when those exist) under ``benchmarks/results/cifar10_models``, and when one
+distils, the CNN teacher (``cifar10_teacher_fp``) and its soft-label file (``vvtq softlabels``: ``SOFT_CROPS`` crops of
+every training image at the teacher's own crop scale, each labelled with its mirror too, seeded, so it is regenerated
+rather than committed; a file other teachers made is refused). Every
 run trains on the 45,000 training images left after holding out 5,000 (``holdout``, a fixed choice) and sees the
 same crops in the same steps of 128; pilots are scored on the held-out images and chose the recipes, the study's
 runs on the 10,000 test images. A recipe is the LSQ baseline plus factors (``study_factors``), written ``kd+crops=4``;
@@ -20,6 +21,7 @@ here ``kd`` is the teacher's soft-label file. Runs are resumable and shared out 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -232,14 +234,23 @@ def _fp_command(key: str, out: Path, args: argparse.Namespace) -> list[str]:
     return [sys.executable, *relative(cmd + (["--resume"] if (out / "last.safetensors").is_file() else []))]
 
 
-def ensure_inputs(args: argparse.Namespace) -> None:
-    """Train (one process each, side by side) and ship the FP models that are missing, continuing from a
-    committed resume checkpoint where there is one; then make the soft-label file if it is missing."""
+def ensure_inputs(args: argparse.Namespace, runs: list[Run]) -> None:
+    """Make what ``runs`` need where it is missing: the FP students they start from, and when one distils, the
+    teachers and their soft-label file."""
+    distils = any(r.cfg.teacher.source == "file" for r in runs)
+    train_fp([k for k in FP_RUNS if k in {r.model for r in runs} or (distils and k in TEACHERS)], args)
+    if distils:
+        make_softlabels(args)
+
+
+def train_fp(keys: list[str], args: argparse.Namespace) -> None:
+    """Train (one process each, side by side) and ship the FP models ``keys`` that are missing, continuing from a
+    committed resume checkpoint where there is one."""
     from vvtq.demo import ship_teacher
 
     work, models_dir = Path(args.work), Path(args.models_dir)
     procs = []
-    for key in FP_RUNS:
+    for key in keys:
         if model_path(key, models_dir).is_file():
             continue
         out = work / "fp" / key
@@ -260,24 +271,32 @@ def ensure_inputs(args: argparse.Namespace) -> None:
         ship_teacher(out / "last.safetensors", model_path(key, models_dir))
         gzip_copy(out / "metrics.jsonl", models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz")
         log(work, f"shipped {model_path(key, models_dir)}")
-    labels = softlabel_path(args)
-    cmd = relative(["vvtq", "--threads", str(args.threads), "softlabels", "--teacher",
-                    *(str(model_path(k, models_dir)) for k in TEACHERS), "--out", str(labels), "--crops",
-                    str(SOFT_CROPS), "--top-k", "10", "--seed", "0", "--amp", "bf16",
-                    *(["--flip"] if TEACHER_FLIP else [])])
-    made = labels.with_suffix(".json")
-    if labels.is_file() and made.is_file() and json.loads(made.read_text())["command"] != shlex.join(cmd):
-        raise StudyError(f"{labels} was made by `{json.loads(made.read_text())['command']}`, not by today's "
-                         f"teacher (`{shlex.join(cmd)}`): move it away to make it again")
-    if not labels.is_file():
-        t0 = time.time()
-        log(work, f"soft labels: {shlex.join(cmd)}")
-        if subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
-            raise StudyError(f"soft labels failed: {shlex.join(cmd)}")
-        write_atomic(labels.with_suffix(".json"), json.dumps({
-            "command": shlex.join(cmd), "wall_s": round(time.time() - t0, 1),
-            "bytes": labels.stat().st_size, "threads": args.threads}, indent=1))
-        log(work, f"soft labels: {labels.stat().st_size / 1e6:.1f} MB in {time.time() - t0:.0f} s")
+
+
+def make_softlabels(args: argparse.Namespace) -> None:
+    """The teachers' soft-label file, made once; one that other teachers (files or command) made is refused."""
+    work, models_dir, labels = Path(args.work), Path(args.models_dir), softlabel_path(args)
+    teachers = [model_path(k, models_dir) for k in TEACHERS]
+    cmd = shlex.join(relative(["vvtq", "--threads", str(args.threads), "softlabels", "--teacher",
+                               *map(str, teachers), "--out", str(labels), "--crops", str(SOFT_CROPS), "--top-k",
+                               "10", "--seed", "0", "--amp", "bf16", *(["--flip"] if TEACHER_FLIP else [])]))
+    made = {"command": cmd, "teachers": {relative(str(p)): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                                         for p in teachers}}
+    record = labels.with_suffix(".json")
+    if labels.is_file() and record.is_file():
+        old = json.loads(record.read_text())
+        if {k: old.get(k) for k in made} != made:
+            raise StudyError(f"{labels} was made by `{old['command']}` from {old.get('teachers')}, not by today's "
+                             f"teacher (`{cmd}` from {made['teachers']}): move it away to make it again")
+    if labels.is_file():
+        return
+    t0 = time.time()
+    log(work, f"soft labels: {cmd}")
+    if subprocess.run([sys.executable, "-m", *shlex.split(cmd)], cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
+        raise StudyError(f"soft labels failed: {cmd}")
+    write_atomic(record, json.dumps({**made, "wall_s": round(time.time() - t0, 1), "bytes": labels.stat().st_size,
+                                     "threads": args.threads}, indent=1))
+    log(work, f"soft labels: {labels.stat().st_size / 1e6:.1f} MB in {time.time() - t0:.0f} s")
 
 
 def fp_accuracy(key: str, split: str, args: argparse.Namespace) -> float | None:
@@ -474,9 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", "benchmarks/cifar10.py", *[a for a in argv if a != "--report-only"]])
     work, store, out = Path(args.work), Path(args.store), Path(args.out)
-    if args.worker is None and not (args.list or args.report_only):
-        ensure_inputs(args)
     runs = plan(args)
+    if args.worker is None and not (args.list or args.report_only):
+        ensure_inputs(args, runs)
     if args.list:
         list_plan(runs, store)
         return 0
