@@ -20,13 +20,10 @@ so no worker ever waits for another.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
-import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,18 +33,16 @@ from study_factors import Context, StudyError, apply_factors, describe, parse_fa
 from study_runs import (  # noqa: E402
     ROOT,
     Run,
+    add_runner_arguments,
     checkpoint_accuracy,
     fmt,
     gzip_copy,
-    list_plan,
-    log,
     mean,
-    pilot_table,
     signature,
     stored,
-    train_all,
-    work_loop,
-    write_atomic,
+    study_main,
+    train_and_ship,
+    write_report,
 )
 
 CONFIGS = ROOT / "src" / "vvtq" / "recipes"
@@ -204,7 +199,7 @@ def teacher_path(model: str) -> Path:
     return TEACHERS / f"{model}_fp.safetensors"
 
 
-def ensure_teachers(args: argparse.Namespace, work: Path) -> None:
+def ensure_teachers(args: argparse.Namespace, runs: list[Run] | None = None) -> None:
     """Train (in parallel, one process each) and ship the FP teachers that are missing. ``--quick`` trains none:
     it needs the students' teachers (and the CNN's only if a recipe asks for it)."""
     missing = [m for m in TEACHER_RECIPES if not teacher_path(m).is_file()]
@@ -212,23 +207,14 @@ def ensure_teachers(args: argparse.Namespace, work: Path) -> None:
         if needed := [m for m in missing if m in MODELS]:
             raise StudyError(f"--quick needs the shipped teachers; missing: {', '.join(needed)}")
         return
-    if not missing:
-        return
-    procs = []
+    work, jobs = Path(args.work), []
     for m in missing:
         out = work / "teachers" / f"{m}_fp"
         cmd = [sys.executable, "-m", "vvtq", "--threads", str(args.threads), "train", "--config",
                str(CONFIGS / f"{TEACHER_RECIPES[m]}.yaml"), "--set", f"out={out}", "--set", "progress=false",
                "--set", "ckpt_every_steps=100"] + (["--resume"] if (out / "last.safetensors").is_file() else [])
-        log_path = work / "teachers" / f"{m}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as log_file:
-            procs.append((m, out, subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)))
-        log(work, f"training teacher {m} (log {log_path})")
-    for m, out, p in procs:
-        if p.wait() != 0:
-            raise StudyError(f"teacher {m} failed: see {work / 'teachers' / f'{m}.log'}")
-        ship_teacher(out, m)
+        jobs.append((m, cmd, work / "teachers" / f"{m}.log", lambda out=out, m=m: ship_teacher(out, m)))
+    train_and_ship(jobs, work)
 
 
 def ship_teacher(out: Path, model: str) -> Path:
@@ -396,51 +382,30 @@ def plot(doc: dict[str, Any], pilots: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def write_results(args: argparse.Namespace, runs: list[Run], store: Path, out: Path, command: str) -> dict:
+def write_results(args: argparse.Namespace, store: Path, out: Path, command: str) -> dict:
     study_args = argparse.Namespace(**{**vars(args), "pilots": False, "recipes": None})
     study = plan(study_args)
     results = {r.name: res for r in study if (res := stored(r, store)) is not None}
-    doc = summarize(args, study, results, command)
-    pilots = pilot_table(store)
-    doc["pilots"] = pilots
-    write_atomic(out / "accuracy_v2.json", json.dumps(doc, indent=1))
-    findings = out / "accuracy_v2_findings.md"
-    write_atomic(out / "accuracy_v2.md", markdown(doc, pilots, findings.read_text() if findings.is_file() else None))
-    plot(doc, pilots, out / "accuracy_v2.png")
-    return doc
+    return write_report(out, "accuracy_v2", summarize(args, study, results, command), store,
+                        out / "accuracy_v2_findings.md", markdown, plot)
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pilots", action="store_true", help="run the pilots (held-out images) instead of the study")
-    p.add_argument("--recipes", nargs="+", default=None, help="with --pilots: these recipes instead of PILOTS")
-    p.add_argument("--pilot-crops", type=int, default=PILOT_CROPS,
-                   help=f"with --pilots: crops per pilot (default {PILOT_CROPS:,}; the study's: {STUDY_CROPS:,})")
+    add_runner_arguments(p, PILOT_CROPS, "a few steps on 256 images (smoke test, not a result)", SEEDS,
+                         str(ROOT / "runs" / "accuracy_v2"), str(RESULTS / "accuracy_v2_runs"), str(RESULTS))
     p.add_argument("--models", nargs="+", default=["mini_deit"], choices=MODELS,
                    help="with --pilots: the models (default mini_deit); the study always runs both")
     p.add_argument("--tag", default=None, help="with --pilots: a name part for pilots trained again (a stored "
                    "pilot of the same config made by older code keeps its own name)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--no-ablation", action="store_true")
-    p.add_argument("--quick", action="store_true", help="a few steps on 256 images (smoke test, not a result)")
-    p.add_argument("--work", default=None, help="run folders (default runs/accuracy_v2)")
-    p.add_argument("--store", default=None, help="finished runs (default benchmarks/results/accuracy_v2_runs)")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--teachers", default=None, help=f"FP teachers' folder (default {TEACHERS.relative_to(ROOT)})")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--list", action="store_true", help="print the plan and what is done, then exit")
-    p.add_argument("--report-only", action="store_true", help="write the results from the stored runs")
     args = p.parse_args(argv)
     if not args.pilots:
         args.models = list(MODELS) if args.models == ["mini_deit"] and not args.quick else args.models
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
-    args.work = args.work or str(ROOT / "runs" / "accuracy_v2")
-    args.store = args.store or str(RESULTS / "accuracy_v2_runs")
-    args.out = args.out or str(RESULTS)
     args.seeds = list(dict.fromkeys(args.seeds))
     return args
 
@@ -449,24 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     global TEACHERS
     args = parse_args(argv)
     TEACHERS = Path(args.teachers) if args.teachers else TEACHERS
-    import torch
-
-    torch.set_num_threads(args.threads)
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", "benchmarks/accuracy_v2.py", *[a for a in argv if a != "--report-only"]])
-    work, store, out = Path(args.work), Path(args.store), Path(args.out)
-    if args.worker is None and not (args.list or args.report_only):
-        ensure_teachers(args, work)
-    runs = plan(args)
-    if args.list:
-        list_plan(runs, store)
-        return 0
-    if args.worker is not None:
-        return 1 if work_loop(runs, store, work, f"worker {args.worker}") else 0
-    failed = 0 if args.report_only else train_all(args, argv, runs, store, work, Path(__file__))
-    doc = write_results(args, runs, store, out, command)
-    log(work, f"wrote {out / 'accuracy_v2.json'}, .md, .png; {len(doc['missing'])} study run(s) not finished")
-    return 1 if failed else 0
+    return study_main(args, argv, Path(__file__), plan, ensure_teachers, write_results)
 
 
 if __name__ == "__main__":

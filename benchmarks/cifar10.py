@@ -40,19 +40,19 @@ from study_factors import FACTORS, Context, StudyError, apply_factors, describe,
 from study_runs import (  # noqa: E402
     ROOT,
     Run,
+    add_runner_arguments,
     checkpoint_accuracy,
     fmt,
     gzip_copy,
-    list_plan,
     log,
     mean,
-    pilot_table,
     relative,
     signature,
     stored,
-    train_all,
-    work_loop,
+    study_main,
+    train_and_ship,
     write_atomic,
+    write_report,
 )
 
 CONFIGS = ROOT / "src" / "vvtq" / "recipes"
@@ -249,7 +249,7 @@ def train_fp(keys: list[str], args: argparse.Namespace) -> None:
     from vvtq.demo import ship_teacher
 
     work, models_dir = Path(args.work), Path(args.models_dir)
-    procs = []
+    jobs = []
     for key in keys:
         if model_path(key, models_dir).is_file():
             continue
@@ -259,18 +259,14 @@ def train_fp(keys: list[str], args: argparse.Namespace) -> None:
             out.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(resume, out / "last.safetensors")
             gzip_copy(models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz", out / "metrics.jsonl", unzip=True)
-        log_path = work / "fp" / f"{key}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as log_file:
-            procs.append((key, out, subprocess.Popen(_fp_command(key, out, args), stdout=log_file,
-                                                     stderr=subprocess.STDOUT, cwd=ROOT)))
-        log(work, f"training FP {key} (log {log_path})")
-    for key, out, p in procs:
-        if p.wait() != 0:
-            raise StudyError(f"FP {key} failed: see {work / 'fp' / f'{key}.log'}")
-        ship_teacher(out / "last.safetensors", model_path(key, models_dir))
-        gzip_copy(out / "metrics.jsonl", models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz")
-        log(work, f"shipped {model_path(key, models_dir)}")
+
+        def ship(key: str = key, out: Path = out) -> None:
+            ship_teacher(out / "last.safetensors", model_path(key, models_dir))
+            gzip_copy(out / "metrics.jsonl", models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz")
+            log(work, f"shipped {model_path(key, models_dir)}")
+
+        jobs.append((key, _fp_command(key, out, args), work / "fp" / f"{key}.log", ship))
+    train_and_ship(jobs, work)
 
 
 def make_softlabels(args: argparse.Namespace) -> None:
@@ -447,36 +443,19 @@ def write_results(args: argparse.Namespace, store: Path, out: Path, command: str
     args = argparse.Namespace(**{**vars(args), "pilots": False, "recipes": None, "models": list(MODELS)})
     study = plan(args)  # the study's runs, whatever this invocation ran
     results = {r.name: res for r in study if (res := stored(r, store)) is not None}
-    doc = summarize(args, study, results, command)
-    pilots = pilot_table(store)
-    doc["pilots"] = pilots
-    write_atomic(out / "cifar10.json", json.dumps(doc, indent=1))
-    findings = RESULTS / "cifar10_findings.md"
-    write_atomic(out / "cifar10.md", markdown(doc, pilots, findings.read_text() if findings.is_file() else None))
-    plot(doc, pilots, out / "cifar10.png")
-    return doc
+    return write_report(out, "cifar10", summarize(args, study, results, command), store,
+                        RESULTS / "cifar10_findings.md", markdown, plot)
 
 
 # --------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pilots", action="store_true", help="run the pilots (held-out images) instead of the study")
-    p.add_argument("--recipes", nargs="+", default=None, help="with --pilots: these recipes instead of PILOTS")
-    p.add_argument("--pilot-crops", type=int, default=PILOT_CROPS, help=f"crops per pilot (default {PILOT_CROPS:,})")
+    add_runner_arguments(p, PILOT_CROPS, "a few steps on a tiny folder (smoke test, not a result)", SEEDS,
+                         str(ROOT / "runs" / "cifar10"), str(RESULTS / "cifar10_runs"), str(RESULTS))
     p.add_argument("--models", nargs="+", default=None, choices=MODELS,
                    help="the students (default: mini_deit for pilots, both for the study)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    p.add_argument("--quick", action="store_true", help="a few steps on a tiny folder (smoke test, not a result)")
     p.add_argument("--data", default=DATA, help=f"the CIFAR-10 folder (default {DATA})")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help="the FP teacher and students (shipped)")
-    p.add_argument("--work", default=str(ROOT / "runs" / "cifar10"), help="run folders and the soft-label file")
-    p.add_argument("--store", default=str(RESULTS / "cifar10_runs"), help="finished runs")
-    p.add_argument("--out", default=str(RESULTS), help="results folder")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--list", action="store_true", help="print the plan and what is done, then exit")
-    p.add_argument("--report-only", action="store_true", help="write the results from the stored runs")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
@@ -487,24 +466,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = shlex.join(["python", "benchmarks/cifar10.py", *[a for a in argv if a != "--report-only"]])
-    work, store, out = Path(args.work), Path(args.store), Path(args.out)
-    runs = plan(args)
-    if args.worker is None and not (args.list or args.report_only):
-        ensure_inputs(args, runs)
-    if args.list:
-        list_plan(runs, store)
-        return 0
-    if args.worker is not None:
-        return 1 if work_loop(runs, store, work, f"worker {args.worker}") else 0
-    failed = 0 if args.report_only else train_all(args, argv, runs, store, work, Path(__file__))
-    doc = write_results(args, store, out, command)
-    log(work, f"wrote {out / 'cifar10.json'}, .md, .png; {len(doc['missing'])} study run(s) not finished")
-    return 1 if failed else 0
+    return study_main(args, argv, Path(__file__), plan, ensure_inputs, write_results)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ import gzip
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,6 @@ def plain(obj: Any) -> Any:
 def relative(obj: Any) -> Any:
     """``obj`` (JSON-able) with every path inside the repository written relative to it: results are portable."""
     return json.loads(json.dumps(obj).replace(json.dumps(str(ROOT) + os.sep)[1:-1], ""))
-
 
 
 # --------------------------------------------------------------------------- running
@@ -284,3 +285,75 @@ def pilot_table(store: Path) -> list[dict[str, Any]]:
         rows.append({k: r.get(k) for k in ("name", "model", "recipe", "final_acc", "osc_lowbit", "frozen", "wall_s",
                                             "steps", "crops", "num_crops")})
     return rows
+
+
+# --------------------------------------------------------------------------- a study's command
+def add_runner_arguments(p: argparse.ArgumentParser, pilot_crops: int, quick_help: str, seeds: tuple[int, ...],
+                         work: str, store: str, out: str) -> None:
+    """The flags every study takes: what to run (pilots or the study, which recipes, seeds), where, how many
+    workers, and listing or reporting only."""
+    p.add_argument("--pilots", action="store_true", help="run the pilots (held-out images) instead of the study")
+    p.add_argument("--recipes", nargs="+", default=None, help="with --pilots: these recipes instead of PILOTS")
+    p.add_argument("--pilot-crops", type=int, default=pilot_crops, help=f"crops per pilot (default {pilot_crops:,})")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--work", default=work, help=f"run folders (default {work})")
+    p.add_argument("--store", default=store, help=f"finished runs (default {store})")
+    p.add_argument("--out", default=out, help=f"results folder (default {out})")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--list", action="store_true", help="print the plan and what is done, then exit")
+    p.add_argument("--report-only", action="store_true", help="write the results from the stored runs")
+
+
+def study_main(args: argparse.Namespace, argv: list[str], script: Path, plan: Callable, prepare: Callable,
+               write_results: Callable) -> int:
+    """A study's command after its arguments: plan, make the runs' inputs (``prepare(args, runs)``), then list,
+    work as a worker, or train what is missing and write the results (``write_results(args, store, out,
+    command)``). Exit status 1 if a run failed."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    command = shlex.join(["python", f"benchmarks/{script.name}", *[a for a in argv if a != "--report-only"]])
+    work, store, out = Path(args.work), Path(args.store), Path(args.out)
+    runs = plan(args)
+    if args.worker is None and not (args.list or args.report_only):
+        prepare(args, runs)
+    if args.list:
+        list_plan(runs, store)
+        return 0
+    if args.worker is not None:
+        return 1 if work_loop(runs, store, work, f"worker {args.worker}") else 0
+    failed = 0 if args.report_only else train_all(args, argv, runs, store, work, script)
+    doc = write_results(args, store, out, command)
+    log(work, f"wrote {out / script.stem}.json, .md, .png; {len(doc['missing'])} study run(s) not finished")
+    return 1 if failed else 0
+
+
+def write_report(out: Path, stem: str, doc: dict[str, Any], store: Path, findings: Path,
+                 markdown: Callable, plot: Callable) -> dict[str, Any]:
+    """``out/<stem>.json``, ``.md`` (the tables, then ``findings`` if written) and ``.png`` from a summary ``doc``
+    and the stored pilots."""
+    pilots = pilot_table(store)
+    doc["pilots"] = pilots
+    write_atomic(out / f"{stem}.json", json.dumps(doc, indent=1))
+    write_atomic(out / f"{stem}.md", markdown(doc, pilots, findings.read_text() if findings.is_file() else None))
+    plot(doc, pilots, out / f"{stem}.png")
+    return doc
+
+
+def train_and_ship(jobs: list[tuple[str, list[str], Path, Callable[[], None]]], work: Path) -> None:
+    """Train FP models side by side, one process each (``(name, command, log file, ship)``, run from the
+    repository root), then ``ship()`` each that finished; a failed one is a StudyError naming its log."""
+    procs = []
+    for name, cmd, log_path, ship in jobs:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log_file:
+            procs.append((name, log_path, ship, subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                                                 cwd=ROOT)))
+        log(work, f"training FP {name} (log {log_path})")
+    for name, log_path, ship, p in procs:
+        if p.wait() != 0:
+            raise StudyError(f"FP {name} failed: see {log_path}")
+        ship()
