@@ -74,13 +74,15 @@ def test_quick_end_to_end(tmp_path):
                           *common], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "workers finished with exit codes [0, 0]" in res.stdout
-    for key in ("cifar_resnet_teacher", "cifar10_mini_deit_fp"):
+    for key in ("cifar_resnet_teacher", "cifar_resnet_teacher_b", "cifar10_mini_deit_fp"):
         assert (tmp_path / "m" / f"{key}.safetensors").is_file()
         assert (tmp_path / "m" / f"{key}.metrics.jsonl.gz").is_file()
     assert not (tmp_path / "m" / "cifar10_mini_swin_fp.safetensors").exists()  # no pilot of it: not trained
     labels = json.loads((tmp_path / "w" / "softlabels_10crops.json").read_text())
     assert labels["command"].startswith("vvtq --threads 1 softlabels --teacher") and labels["bytes"] > 0
     assert "--amp bf16" in labels["command"] and "--flip" in labels["command"]
+    assert len(labels["teachers"]) == 2 and "mean of 2 cifar_resnet" in json.loads(
+        (tmp_path / "o" / "cifar10.json").read_text())["teacher"]["name"]
     done = sorted(p.name for p in (tmp_path / "s").glob("*.json"))
     assert done == ["pilot_mini_deit_kd_crops2_w2a2_s0.json", "pilot_mini_deit_lsq_w2a2_s0.json"]
     kd = json.loads((tmp_path / "s" / done[0]).read_text())
