@@ -21,6 +21,7 @@ here ``kd`` is the teacher's soft-label file. Runs are resumable and shared out 
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import math
@@ -263,13 +264,37 @@ def train_fp(keys: list[str], args: argparse.Namespace) -> None:
             shutil.copyfile(resume, out / "last.safetensors")
             gzip_copy(models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz", out / "metrics.jsonl", unzip=True)
 
-        def ship(key: str = key, out: Path = out) -> None:
+        def ship(key: str = key, out: Path = out, resume: Path = resume) -> None:
             ship_teacher(out / "last.safetensors", model_path(key, models_dir))
             gzip_copy(out / "metrics.jsonl", models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz")
+            resume.unlink(missing_ok=True)  # the finished model replaces the run in progress
             log(work, f"shipped {model_path(key, models_dir)}")
 
         jobs.append((key, _fp_command(key, out, args), work / "fp" / f"{key}.log", ship))
     train_and_ship(jobs, work)
+
+
+def save_progress(args: argparse.Namespace) -> list[str]:
+    """Copy each unfinished FP run's last checkpoint (with its optimizer state) and its metrics up to it into the
+    models folder as ``*.resume.safetensors`` and ``*.metrics.jsonl.gz``, for a new machine to continue from; the
+    names of the runs saved."""
+    from vvtq.train import read_meta
+
+    work, models_dir, saved = Path(args.work), Path(args.models_dir), []
+    for key in FP_RUNS:
+        last = work / "fp" / key / "last.safetensors"
+        if model_path(key, models_dir).is_file() or not last.is_file():
+            continue
+        step = int(read_meta(last)["step"])
+        lines = (work / "fp" / key / "metrics.jsonl").read_text().splitlines()
+        kept = "".join(ln + "\n" for ln in lines if ln and json.loads(ln)["step"] <= step)
+        resume = models_dir / f"{SHIPPED[key]}.resume.safetensors"
+        shutil.copyfile(last, resume.with_suffix(".tmp"))
+        os.replace(resume.with_suffix(".tmp"), resume)
+        with gzip.open(models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz", "wt") as f:
+            f.write(kept)
+        saved.append(f"{key} at step {step}")
+    return saved
 
 
 def make_softlabels(args: argparse.Namespace) -> None:
@@ -459,6 +484,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the students (default: mini_deit for pilots, both for the study)")
     p.add_argument("--data", default=DATA, help=f"the CIFAR-10 folder (default {DATA})")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help="the FP teacher and students (shipped)")
+    p.add_argument("--save-progress", action="store_true", help="copy the unfinished FP runs' last checkpoints and "
+                   "metrics into --models-dir (to commit: a new machine continues them), then exit")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
@@ -469,6 +496,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.save_progress:
+        print("saved: " + (", ".join(save_progress(args)) or "nothing (no unfinished FP run)"))
+        return 0
     argv = sys.argv[1:] if argv is None else list(argv)
     return study_main(args, argv, Path(__file__), plan, ensure_inputs, write_results)
 

@@ -3,10 +3,12 @@ the `--quick` path end to end on a tiny image folder: FP models trained, soft la
 workers, results written (the numbers of a quick run mean nothing)."""
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fakes import write_image_folder
+from vvtq.train import read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "cifar10.py"
@@ -107,3 +110,15 @@ def test_quick_end_to_end(tmp_path):
     c.ensure_inputs(args, [r for r in deit if r.cfg.teacher.source == "none"])  # no labels needed: fine
     with pytest.raises(c.StudyError, match="not by today's teacher"):
         c.ensure_inputs(args, deit)
+    # an unfinished FP run (here: the DeiT's checkpoint as mini_swin's) is saved for a new machine to continue;
+    # the finished ones are not
+    swin = tmp_path / "w" / "fp" / "mini_swin"
+    swin.mkdir(parents=True)
+    shutil.copyfile(tmp_path / "w" / "fp" / "mini_deit" / "last.safetensors", swin / "last.safetensors")
+    step = read_meta(swin / "last.safetensors")["step"]
+    (swin / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (step - 1, step, step + 1)))
+    assert c.save_progress(args) == [f"mini_swin at step {step}"]
+    resume = tmp_path / "m" / "cifar10_mini_swin_fp.resume.safetensors"
+    assert resume.read_bytes() == (swin / "last.safetensors").read_bytes()
+    with gzip.open(tmp_path / "m" / "cifar10_mini_swin_fp.metrics.jsonl.gz", "rt") as f:
+        assert [json.loads(line)["step"] for line in f] == [step - 1, step]  # nothing past the checkpoint
