@@ -9,9 +9,10 @@ hurt? W2A2 recipes against the LSQ baseline on mini DeiT and mini Swin, 32 px RG
 
 What the runs need comes first, each made once and kept: the FP students they start from (``cifar10_mini_*_fp``,
 continued from their committed checkpoints when those exist) under ``benchmarks/results/cifar10_models``, and when one
-distils, the CNN teacher (``cifar10_teacher_fp``) and its soft-label file (``vvtq softlabels``: ``SOFT_CROPS`` crops of
-every training image at the teacher's own crop scale, each labelled with its mirror too, seeded, so it is regenerated
-rather than committed; a file other teachers made is refused). Every
+distils, the CNN teachers (``TEACHERS``: two ``cifar10_teacher_fp`` nets) and their soft-label file (``vvtq
+softlabels``: ``SOFT_CROPS`` crops of every training image at the teachers' own crop scale, each labelled by the
+ensemble's mean over the crop and its mirror, seeded, so it is regenerated rather than committed; its name carries a
+digest of the teachers' weights, so new teachers make new runs). Every
 run trains on the 45,000 training images left after holding out 5,000 (``holdout``, a fixed choice) and sees the
 same crops in the same steps of 128; pilots are scored on the held-out images and chose the recipes, the study's
 runs on the 10,000 test images. A recipe is the LSQ baseline plus factors (``study_factors``), written ``kd+crops=4``;
@@ -21,7 +22,6 @@ here ``kd`` is the teacher's soft-label file. Runs are resumable and shared out 
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import math
@@ -70,6 +70,9 @@ SHIPPED = {"teacher": "cifar_resnet_teacher", "teacher_b": "cifar_resnet_teacher
 # points over their best member; cifar10_findings.md)
 TEACHERS = ("teacher", "teacher_b")
 TEACHER_FLIP = True  # each crop labelled by the mean over it and its mirror (+1.4 held-out points for the teacher)
+SOFT_CROPS = 10  # crops stored per image in the soft-label file
+LABEL_OPTIONS = ("--crops", str(SOFT_CROPS), "--top-k", "10", "--seed", "0", "--amp", "bf16",
+                 *(["--flip"] if TEACHER_FLIP else []))  # how the file is made (bf16: 2.0x faster, within 0.007)
 HOLDOUT = 5000
 TEST = "val"  # the folder of the 10,000 test images (ImageNet-style naming)
 TRAIN_IMAGES = 50_000 - HOLDOUT
@@ -79,7 +82,6 @@ PILOT_CROPS = 64_000  # per pilot: 500 steps
 QUICK_CROPS = 256
 WARMUP_FRAC = 0.025  # of a run's steps
 BASE_LR = 5e-4  # the LSQ baseline's lr (the published one; the pilots 'lr=...' ask whether another is better)
-SOFT_CROPS = 10  # crops stored per image in the soft-label file
 SEEDS = (0, 1, 2)
 
 # the recipes the study reports (factor strings on the LSQ baseline)
@@ -109,7 +111,7 @@ def _f_tcrop(spec: dict, ctx: Context, v: str | None) -> None:
 
 # this study's factors: the shared ones, 'kd' reading the soft-label file, and no second or third teacher
 CIFAR_FACTORS = {k: v for k, v in FACTORS.items() if k not in ("ens", "cnn", "wide", "sgelu")} | {
-    "kd": ("soft labels of the CNN teacher from the soft-label file (its crops: the teacher's crop scale)", _f_kd),
+    "kd": ("soft labels of the CNN teachers from the soft-label file (its crops: the teachers' crop scale)", _f_kd),
     "tcrop": ("hard labels on crops of the teacher's scale (the FP students' are [0.35, 1])", _f_tcrop),
 }
 
@@ -210,7 +212,16 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 # --------------------------------------------------------------------------- what the runs start from
 def softlabel_path(args: argparse.Namespace) -> Path:
-    return Path(args.work) / f"softlabels_{SOFT_CROPS}crops.safetensors"
+    """The soft-label file. Its name carries a digest of the teachers' weights and the labelling options, so a run
+    that distils becomes another run when either changes (``pending`` until the teachers are trained)."""
+    teachers = [model_path(k, Path(args.models_dir)) for k in TEACHERS]
+    tag = "pending"
+    if all(p.is_file() for p in teachers):
+        h = hashlib.sha256(shlex.join(LABEL_OPTIONS).encode())
+        for p in teachers:
+            h.update(p.read_bytes())
+        tag = h.hexdigest()[:12]
+    return Path(args.work) / f"softlabels_{SOFT_CROPS}crops_{tag}.safetensors"
 
 
 def teacher_crops(args: argparse.Namespace) -> dict[str, Any]:
@@ -285,41 +296,42 @@ def save_progress(args: argparse.Namespace) -> list[str]:
         last = work / "fp" / key / "last.safetensors"
         if model_path(key, models_dir).is_file() or not last.is_file():
             continue
-        step = int(read_meta(last)["step"])
-        lines = (work / "fp" / key / "metrics.jsonl").read_text().splitlines()
-        kept = "".join(ln + "\n" for ln in lines if ln and json.loads(ln)["step"] <= step)
         resume = models_dir / f"{SHIPPED[key]}.resume.safetensors"
-        shutil.copyfile(last, resume.with_suffix(".tmp"))
-        os.replace(resume.with_suffix(".tmp"), resume)
-        with gzip.open(models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz", "wt") as f:
-            f.write(kept)
+        tmp = resume.with_name(resume.name + ".tmp")
+        shutil.copyfile(last, tmp)  # the copy, not the live file (the run may replace it), says the step
+        step = int(read_meta(tmp)["step"])
+        kept = []
+        for line in (work / "fp" / key / "metrics.jsonl").read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except json.JSONDecodeError:  # a line the run is still writing
+                continue
+        metrics = work / "fp" / key / "metrics.saved.jsonl"
+        write_atomic(metrics, "".join(kept))
+        gzip_copy(metrics, models_dir / f"{SHIPPED[key]}.metrics.jsonl.gz")
+        os.replace(tmp, resume)
         saved.append(f"{key} at step {step}")
     return saved
 
 
 def make_softlabels(args: argparse.Namespace) -> None:
-    """The teachers' soft-label file, made once; one that other teachers (files or command) made is refused."""
+    """The teachers' soft-label file, made once (its name says which teachers and options made it), with a record
+    of its command, time and size beside it."""
     work, models_dir, labels = Path(args.work), Path(args.models_dir), softlabel_path(args)
-    teachers = [model_path(k, models_dir) for k in TEACHERS]
-    cmd = shlex.join(relative(["vvtq", "--threads", str(args.threads), "softlabels", "--teacher",
-                               *map(str, teachers), "--out", str(labels), "--crops", str(SOFT_CROPS), "--top-k",
-                               "10", "--seed", "0", "--amp", "bf16", *(["--flip"] if TEACHER_FLIP else [])]))
-    made = {"command": cmd, "teachers": {relative(str(p)): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-                                         for p in teachers}}
-    record = labels.with_suffix(".json")
-    if labels.is_file() and record.is_file():
-        old = json.loads(record.read_text())
-        if {k: old.get(k) for k in made} != made:
-            raise StudyError(f"{labels} was made by `{old['command']}` from {old.get('teachers')}, not by today's "
-                             f"teacher (`{cmd}` from {made['teachers']}): move it away to make it again")
     if labels.is_file():
         return
+    teachers = [model_path(k, models_dir) for k in TEACHERS]
+    cmd = shlex.join(relative(["vvtq", "--threads", str(args.threads), "softlabels", "--teacher", *map(str, teachers),
+                               "--out", str(labels), *LABEL_OPTIONS]))
     t0 = time.time()
     log(work, f"soft labels: {cmd}")
     if subprocess.run([sys.executable, "-m", *shlex.split(cmd)], cwd=ROOT, stdout=subprocess.DEVNULL).returncode:
         raise StudyError(f"soft labels failed: {cmd}")
-    write_atomic(record, json.dumps({**made, "wall_s": round(time.time() - t0, 1), "bytes": labels.stat().st_size,
-                                     "threads": args.threads}, indent=1))
+    write_atomic(labels.with_suffix(".json"), json.dumps({
+        "command": cmd, "teachers": {relative(str(p)): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                                     for p in teachers},
+        "wall_s": round(time.time() - t0, 1), "bytes": labels.stat().st_size, "threads": args.threads}, indent=1))
     log(work, f"soft labels: {labels.stat().st_size / 1e6:.1f} MB in {time.time() - t0:.0f} s")
 
 
@@ -483,7 +495,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=None, choices=MODELS,
                    help="the students (default: mini_deit for pilots, both for the study)")
     p.add_argument("--data", default=DATA, help=f"the CIFAR-10 folder (default {DATA})")
-    p.add_argument("--models-dir", default=str(MODELS_DIR), help="the FP teacher and students (shipped)")
+    p.add_argument("--models-dir", default=str(MODELS_DIR), help="the FP teachers and students (shipped)")
     p.add_argument("--save-progress", action="store_true", help="copy the unfinished FP runs' last checkpoints and "
                    "metrics into --models-dir (to commit: a new machine continues them), then exit")
     args = p.parse_args(argv)

@@ -218,11 +218,16 @@ def fmt(v: float | None, digits: int = 2) -> str:
 
 
 def gzip_copy(src: Path, dst: Path, unzip: bool = False) -> None:
-    """Write ``src`` gzipped to ``dst`` (or, with ``unzip``, ``src`` gunzipped), atomically."""
+    """Write ``src`` gzipped to ``dst`` (or, with ``unzip``, ``src`` gunzipped), atomically; the gzip header holds
+    no time or name, so the same text gives the same bytes."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
-    with (gzip.open if unzip else open)(src, "rb") as f, (open if unzip else gzip.open)(tmp, "wb") as g:
-        shutil.copyfileobj(f, g)
+    with (gzip.open if unzip else open)(src, "rb") as f, open(tmp, "wb") as raw:
+        if unzip:
+            shutil.copyfileobj(f, raw)
+        else:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as g:
+                shutil.copyfileobj(f, g)
     os.replace(tmp, dst)
 
 
@@ -240,7 +245,7 @@ def checkpoint_accuracy(path: Path | list[Path], split: str, holdout: int, cache
     from vvtq.train import evaluate
     from vvtq.train.loop import eval_loader
 
-    paths = [path] if isinstance(path, Path) else list(path)
+    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
     digest = "+".join(hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in paths)
     data = json.loads(cache.read_text()) if cache.is_file() else {}
     key = f"{name}:{split}:{digest}" + (f":{limit}" if limit else "") + (":flip" if flip else "")
@@ -309,9 +314,10 @@ def add_runner_arguments(p: argparse.ArgumentParser, pilot_crops: int, quick_hel
 
 def study_main(args: argparse.Namespace, argv: list[str], script: Path, plan: Callable, prepare: Callable,
                write_results: Callable) -> int:
-    """A study's command after its arguments: plan, make the runs' inputs (``prepare(args, runs)``), then list,
-    work as a worker, or train what is missing and write the results (``write_results(args, store, out,
-    command)``). Exit status 1 if a run failed."""
+    """A study's command after its arguments: plan; unless listing, reporting or working for another process,
+    make the runs' inputs (``prepare(args, runs)``) and plan again (a run's config may name an input made only
+    now); then list, work as a worker, or train what is missing and write the results (``write_results(args,
+    store, out, command)``). Exit status 1 if a run failed."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -320,6 +326,7 @@ def study_main(args: argparse.Namespace, argv: list[str], script: Path, plan: Ca
     runs = plan(args)
     if args.worker is None and not (args.list or args.report_only):
         prepare(args, runs)
+        runs = plan(args)
     if args.list:
         list_plan(runs, store)
         return 0
@@ -345,7 +352,8 @@ def write_report(out: Path, stem: str, doc: dict[str, Any], store: Path, finding
 
 def train_and_ship(jobs: list[tuple[str, list[str], Path, Callable[[], None]]], work: Path) -> None:
     """Train FP models side by side, one process each (``(name, command, log file, ship)``, run from the
-    repository root), then ``ship()`` each that finished; a failed one is a StudyError naming its log."""
+    repository root), then ``ship()`` each that finished; a failed one stops the others (they resume from their
+    checkpoints) and is a StudyError naming its log."""
     procs = []
     for name, cmd, log_path, ship in jobs:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -355,5 +363,9 @@ def train_and_ship(jobs: list[tuple[str, list[str], Path, Callable[[], None]]], 
         log(work, f"training FP {name} (log {log_path})")
     for name, log_path, ship, p in procs:
         if p.wait() != 0:
+            for *_, other in procs:
+                if other.poll() is None:
+                    other.terminate()
+                    other.wait()
             raise StudyError(f"FP {name} failed: see {log_path}")
         ship()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fakes import write_image_folder
+from vvtq.distill import SoftLabelFile
 from vvtq.train import read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def test_plan_equal_steps_soft_labels_and_ceilings(tmp_path):
     c = _module()
     runs = c.plan(c.parse_args(["--work", str(tmp_path / "w"), "--models-dir", str(tmp_path / "m")]))
     assert len({r.name for r in runs}) == len(runs) and {r.model for r in runs} == set(c.MODELS)
-    labels = str(tmp_path / "w" / f"softlabels_{c.SOFT_CROPS}crops.safetensors")
+    labels = str(tmp_path / "w" / f"softlabels_{c.SOFT_CROPS}crops_pending.safetensors")  # no teachers yet
     for r in runs:
         cfg = r.cfg
         assert cfg.holdout == 5000 and cfg.val_split == "val" and cfg.batch_size == 128
@@ -81,15 +82,20 @@ def test_quick_end_to_end(tmp_path):
         assert (tmp_path / "m" / f"{key}.safetensors").is_file()
         assert (tmp_path / "m" / f"{key}.metrics.jsonl.gz").is_file()
     assert not (tmp_path / "m" / "cifar10_mini_swin_fp.safetensors").exists()  # no pilot of it: not trained
-    labels = json.loads((tmp_path / "w" / "softlabels_10crops.json").read_text())
+    c = _module()
+    args = c.parse_args(common)
+    label_file = c.softlabel_path(args)
+    assert label_file.is_file() and "pending" not in label_file.name
+    assert SoftLabelFile(label_file).meta["flip_average"] is True and SoftLabelFile(label_file).meta["amp"] == "bf16"
+    labels = json.loads(label_file.with_suffix(".json").read_text())
     assert labels["command"].startswith("vvtq --threads 1 softlabels --teacher") and labels["bytes"] > 0
-    assert "--amp bf16" in labels["command"] and "--flip" in labels["command"]
     assert len(labels["teachers"]) == 2 and "mean of 2 cifar_resnet" in json.loads(
         (tmp_path / "o" / "cifar10.json").read_text())["teacher"]["name"]
     done = sorted(p.name for p in (tmp_path / "s").glob("*.json"))
     assert done == ["pilot_mini_deit_kd_crops2_w2a2_s0.json", "pilot_mini_deit_lsq_w2a2_s0.json"]
     kd = json.loads((tmp_path / "s" / done[0]).read_text())
-    assert kd["config"]["teacher"]["source"] == "file" and kd["num_crops"] == 2 and kd["scored_on"] == "holdout"
+    assert kd["config"]["teacher"] == {"source": "file", "softlabels": str(label_file)}
+    assert kd["num_crops"] == 2 and kd["scored_on"] == "holdout"
     doc = json.loads((tmp_path / "o" / "cifar10.json").read_text())
     assert doc["command"].startswith("python benchmarks/cifar10.py") and len(doc["pilots"]) == 2
     assert set(doc["teacher"]) >= {"name", "top1"} and doc["teacher"]["top1"] is not None
@@ -101,15 +107,14 @@ def test_quick_end_to_end(tmp_path):
         assert (row["fp"] is not None) == (model == "mini_deit") and row["lsq.w2a2"] is None  # study: not run
     assert "## Pilots" in (tmp_path / "o" / "cifar10.md").read_text()
     assert (tmp_path / "o" / "cifar10.png").stat().st_size > 0
-    # a label file another teacher made is refused, not used
-    made = tmp_path / "w" / "softlabels_10crops.json"
-    made.write_text(json.dumps({**labels, "command": "vvtq softlabels --teacher another.safetensors"}))
-    c = _module()
-    args = c.parse_args(common)
+    # new teachers' weights name another label file, so the runs that distil are other runs
     deit = [r for r in c.plan(args) if r.model == "mini_deit"]
-    c.ensure_inputs(args, [r for r in deit if r.cfg.teacher.source == "none"])  # no labels needed: fine
-    with pytest.raises(c.StudyError, match="not by today's teacher"):
-        c.ensure_inputs(args, deit)
+    c.ensure_inputs(args, [r for r in deit if r.cfg.teacher.source == "none"])  # no labels needed: none made
+    teacher_b = tmp_path / "m" / "cifar_resnet_teacher_b.safetensors"
+    shutil.copyfile(tmp_path / "m" / "cifar_resnet_teacher.safetensors", teacher_b)
+    assert c.softlabel_path(args) != label_file and not c.softlabel_path(args).exists()
+    kd_run = next(r for r in c.plan(args) if r.cfg.teacher.source == "file")
+    assert kd_run.cfg.teacher.softlabels == str(c.softlabel_path(args))
     # an unfinished FP run (here: the DeiT's checkpoint as mini_swin's) is saved for a new machine to continue;
     # the finished ones are not
     swin = tmp_path / "w" / "fp" / "mini_swin"

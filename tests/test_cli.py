@@ -43,6 +43,7 @@ def test_train_help_is_useful(capsys):
     (["train", "--config", FP, "--set", "regularizer={lambda_mx: 0.1}"], "unknown key(s) in regularizer: lambda_mx"),
     (["train", "--config", FP, "--set", "data_root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
     (["eval", "--checkpoint", "/nonexistent.safetensors"], "checkpoint not found"),
+    (["eval", "--packed", "/nonexistent.vvtq.safetensors", "--flip"], "--packed and --onnx files run as they are"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, capsys):
     assert main(argv) == 2
@@ -72,7 +73,9 @@ def test_train_then_eval_and_mismatched_state(tmp_path, capsys):
     assert "mean of 2 FP models' top-1" in twice
     assert twice.split("top-1")[1].split("(")[0].split() == single.split("top-1")[1].split("(")[0].split()
     assert main(["eval", "--checkpoint", str(out / "last.safetensors"), "--limit", "100", "--flip"]) == 0
-    assert "FP (image and mirror) top-1" in capsys.readouterr().out
+    mirrored = capsys.readouterr().out
+    assert "FP (image and mirror) top-1" in mirrored
+    assert mirrored.split("loss")[1].split()[0] != single.split("loss")[1].split()[0]  # the mirror did count
 
 
 def test_python_dash_m_entry_point():

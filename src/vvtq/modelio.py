@@ -153,12 +153,15 @@ def load_teacher(spec: str | list[str], model_kwargs: dict[str, Any], device: to
 
 def load_models(paths: list[str], device: str | torch.device = "cpu",
                 flip: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """One checkpoint as ``load_model`` loads it; several FP checkpoints (or any, with ``flip``: each image and its
+    """One checkpoint as ``load_model`` loads it; several FP checkpoints (or one, with ``flip``: each image and its
     mirror) as one model whose logits are the log of their mean probabilities (an ensemble: what
     ``teacher.checkpoint: [A, B]`` distils from). The metadata (dataset, input size, normalisation) is the first
     checkpoint's."""
     if len(paths) == 1 and not flip:
         return load_model(paths[0], device)
+    for path in paths:
+        if read_meta(path).get("quant") is not None:
+            raise CheckpointError(f"{path} is quantized; ensembles and flip averaging take full-precision checkpoints")
     ensemble = load_teacher(list(paths), {}, torch.device(device), flip)
     return _LogOf(ensemble).eval(), load_model(paths[0], "cpu")[1]
 
