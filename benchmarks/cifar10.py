@@ -79,6 +79,7 @@ TRAIN_IMAGES = 50_000 - HOLDOUT
 BATCH = 128  # crops a step, whatever the crops per image
 STUDY_CROPS = 250_000  # per run: 1,954 steps of 128 crops (5.6 passes over the 45,000 images at 1 crop an image)
 PILOT_CROPS = 64_000  # per pilot: 500 steps
+BUDGETS = (2, 4)  # the budget axis: the baseline and the best on mini DeiT for 2x and 4x STUDY_CROPS (11 and 22 passes)
 QUICK_CROPS = 256
 WARMUP_FRAC = 0.025  # of a run's steps
 BASE_LR = 5e-4  # the LSQ baseline's lr (the published one; the pilots 'lr=...' ask whether another is better)
@@ -173,6 +174,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
             name = f"{prefix}{model}_{recipe_key(recipe)}_w{bits}a{bits}_s{seed}"
         elif bits == 32:
             name = f"{model}_fp_trained_on_{'kd' if recipe else 'hard'}_s{seed}"
+        elif group == "budget":
+            name = f"{model}_{recipe_key(recipe)}_w{bits}a{bits}_{crops // 1000}k_s{seed}"
         else:
             name = f"{model}_{recipe_key(recipe)}_w{bits}a{bits}_s{seed}"
         cfg = build_cfg(model, bits, recipe, seed, crops, scored_on, name, ctx, args)
@@ -207,6 +210,10 @@ def plan(args: argparse.Namespace) -> list[Run]:
         for model in args.models:
             for key in ("lsq", "best"):
                 add(model, "bits", RECIPES[key][1], bits, args.seeds[0], crops, TEST)
+    # longer runs last: does the method's gain grow with the budget? (the published recipe trains 150 epochs)
+    for mult in BUDGETS if "mini_deit" in args.models else ():
+        for key in ("lsq", "best"):
+            add("mini_deit", "budget", RECIPES[key][1], 2, args.seeds[0], crops * mult, TEST)
     return runs
 
 
@@ -358,9 +365,22 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
 
     def find(model: str, recipe: str, bits: int, seed: int) -> float | None:
         for r in runs:
-            if r.is_(model, recipe, bits, seed) and r.name in results:
+            if r.group != "budget" and r.is_(model, recipe, bits, seed) and r.name in results:
                 return results[r.name]["final_acc"]
         return None
+
+    def budget_axis(model: str) -> dict[str, dict[str, float | None]]:
+        """Final top-1 of the baseline and the best (seed 0) at 1x, 2x and 4x the study's crops a run."""
+        crops, seed = QUICK_CROPS if args.quick else STUDY_CROPS, args.seeds[0]
+        axis = {}
+        for key in ("lsq", "best"):
+            recipe = RECIPES[key][1]
+            row = {"1x": find(model, recipe, 2, seed)}
+            for mult in BUDGETS:
+                res = results.get(f"{model}_{recipe_key(recipe)}_w2a2_{crops * mult // 1000}k_s{seed}")
+                row[f"{mult}x"] = res["final_acc"] if res else None
+            axis[key] = row
+        return axis
 
     summary: dict[str, Any] = {}
     for model in args.models:
@@ -374,6 +394,8 @@ def summarize(args: argparse.Namespace, runs: list[Run], results: dict[str, dict
         row["fp_trained_on"] = find(model, "", 32, args.seeds[0])
         row["fp_kd_trained_on"] = find(model, "kd", 32, args.seeds[0])
         row["crops_per_run"] = QUICK_CROPS if args.quick else STUDY_CROPS
+        if model == "mini_deit":
+            row["budget_axis"] = budget_axis(model)
         summary[model] = row
     labels = softlabel_path(args).with_suffix(".json")
     return {"command": command, "quick": args.quick, "summary": summary,
@@ -421,6 +443,14 @@ def markdown(doc: dict[str, Any], pilots: list[dict[str, Any]], findings: str | 
                          f"{fmt(row['fp_kd_trained_on'])} | {key} | {fmt(row[f'{key}.w4a4'])} | "
                          f"{fmt(row[f'{key}.w3a3'])} | {fmt(row[f'{key}.w2a2'])} | "
                          f"{' / '.join(fmt(v) for v in seeds)} |")
+    axis = doc["summary"].get("mini_deit", {}).get("budget_axis")
+    if axis:
+        crops = doc["budget"]["crops_per_run"]
+        cols = ["1x", *(f"{m}x" for m in BUDGETS)]
+        lines += ["", "## Budget axis (mini DeiT, W2A2, seed 0, test images)", "",
+                  "| recipe | " + " | ".join(f"{c} ({int(c[:-1]) * crops:,} crops)" for c in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        lines += [f"| {key} | " + " | ".join(fmt(row[c]) for c in cols) + " |" for key, row in axis.items()]
     if pilots:
         lines += ["", "## Pilots (W2A2, seed 0, scored on the 5,000 held-out training images)", "",
                   "| model | crops | recipe | held-out top-1 | osc. low-bit | wall | run |",
