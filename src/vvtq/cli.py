@@ -93,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .spec import data_source
 
     device = resolve_device(args.device)
-    if args.flip and not args.checkpoint:
+    if args.flip and (args.packed or args.onnx):
         raise ConfigError("--flip averages a checkpoint's probabilities; --packed and --onnx files run as they are")
     if args.packed:
         from .export.runtime import evaluate_packed
