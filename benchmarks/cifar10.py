@@ -61,7 +61,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODELS_DIR = RESULTS / "cifar10_models"
 DATA = "../shared/data/cifar10"  # relative to the repository root, as the recipes give it
 MODELS = ("mini_deit", "mini_swin")
-# the FP models a run needs: recipe and its --set overrides (teachers first: the students' runs wait on none of them)
+# the FP models the runs start from or distil from: recipe and its --set overrides
 FP_RUNS = {"teacher": ("cifar10_teacher_fp", ()), "teacher_b": ("cifar10_teacher_fp", ("epochs=40", "seed=3")),
            "mini_deit": ("cifar10_mini_deit_fp", ()), "mini_swin": ("cifar10_mini_swin_fp", ())}
 SHIPPED = {"teacher": "cifar_resnet_teacher", "teacher_b": "cifar_resnet_teacher_b",
